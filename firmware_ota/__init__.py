@@ -1,0 +1,1 @@
+"""OTA firmware: signed artifacts and staged rollout campaigns (not built yet)."""

@@ -1,0 +1,1 @@
+"""Provisioning: certificate authority, installer enrollments and EST-coaps (not built yet)."""
