@@ -1,0 +1,96 @@
+"""Who may do what: roles, their permissions, and the authenticated caller (Principal).
+
+A token has one role and optionally a scope, a selector on device attributes; a scoped caller
+only ever sees and touches the devices its scope matches (an installer for district north).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from twin.errors import InvalidArgument, PermissionDenied
+from twin.selectors import Selector, Subject, matches, parse_selector
+
+
+class Role(StrEnum):
+    """The roles a token can carry."""
+
+    ADMIN = "admin"
+    SERVICE = "service"
+    INSTALLER = "installer"
+    RELEASE_ENGINEER = "release-engineer"
+    VIEWER = "viewer"
+
+
+class Permission(StrEnum):
+    """One kind of action; each RPC needs exactly one."""
+
+    DEVICES_READ = "devices.read"
+    DEVICES_CREATE = "devices.create"
+    DEVICES_UPDATE = "devices.update"
+    DEVICES_DECOMMISSION = "devices.decommission"
+    TWINS_READ = "twins.read"
+    DESIRED_WRITE = "twins.desired.write"
+    REPORTED_WRITE = "twins.reported.write"
+    FEED_WATCH = "feed.watch"
+    PROFILES_READ = "profiles.read"
+    PROFILES_WRITE = "profiles.write"
+
+
+_READ = frozenset(
+    {
+        Permission.DEVICES_READ,
+        Permission.TWINS_READ,
+        Permission.FEED_WATCH,
+        Permission.PROFILES_READ,
+    }
+)
+
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.ADMIN: frozenset(Permission),
+    # Other city services: read everything, steer devices, bridge reports from gateways.
+    Role.SERVICE: _READ | {Permission.DESIRED_WRITE, Permission.REPORTED_WRITE},
+    # On site: register devices and fix their labels and location, never steer them.
+    Role.INSTALLER: _READ | {Permission.DEVICES_CREATE, Permission.DEVICES_UPDATE},
+    # Firmware rollouts read the fleet; campaign permissions arrive with firmware_ota.
+    Role.RELEASE_ENGINEER: _READ,
+    Role.VIEWER: _READ,
+}
+
+
+def parse_role(text: str) -> Role:
+    """The Role named `text`, or InvalidArgument listing the valid ones."""
+    try:
+        return Role(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown role {text!r} (expected one of {', '.join(r.value for r in Role)})"
+        ) from None
+
+
+def parse_scope(text: str) -> Selector:
+    """A token scope: a selector on device attributes only (twin values change under it)."""
+    scope = parse_selector(text)
+    if scope.uses_twin_values:
+        raise InvalidArgument(f"scope {text!r} may only use device attributes and labels")
+    return scope
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    token_id: int
+    role: Role
+    scope: Selector
+
+    def require(self, permission: Permission) -> None:
+        """Raise PermissionDenied unless the role grants `permission`."""
+        if permission not in ROLE_PERMISSIONS[self.role]:
+            raise PermissionDenied(f"role {self.role} may not {permission}")
+
+    def require_device(self, subject: Subject) -> None:
+        """Raise PermissionDenied unless the device lies within the caller's scope."""
+        if not matches(self.scope, subject):
+            raise PermissionDenied(f"device {subject.id} is outside the token's scope")

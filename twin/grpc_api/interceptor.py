@@ -1,0 +1,123 @@
+"""Authentication, authorisation and error mapping for every API call, in one place.
+
+Each RPC needs one Permission (table below); a method missing from the table is refused, so
+a new RPC cannot be exposed by forgetting to list it. Health checking and reflection are
+left open on purpose: load balancers probe health without credentials, and the schema that
+reflection serves is public anyway.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from twin.access import Permission, Principal
+from twin.errors import CitytwinError, PermissionDenied, Unauthenticated, grpc_status
+from twin.tokens import authenticate
+
+log = logging.getLogger(__name__)
+
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+METHOD_PERMISSIONS: dict[str, Permission] = {
+    "/citytwin.v1.DeviceService/CreateDevice": Permission.DEVICES_CREATE,
+    "/citytwin.v1.DeviceService/GetDevice": Permission.DEVICES_READ,
+    "/citytwin.v1.DeviceService/ListDevices": Permission.DEVICES_READ,
+    "/citytwin.v1.DeviceService/UpdateDevice": Permission.DEVICES_UPDATE,
+    "/citytwin.v1.DeviceService/DecommissionDevice": Permission.DEVICES_DECOMMISSION,
+    "/citytwin.v1.TwinService/GetTwin": Permission.TWINS_READ,
+    "/citytwin.v1.TwinService/UpdateDesired": Permission.DESIRED_WRITE,
+    "/citytwin.v1.TwinService/UpdateReported": Permission.REPORTED_WRITE,
+    "/citytwin.v1.TwinService/BulkUpdateDesired": Permission.DESIRED_WRITE,
+    "/citytwin.v1.TwinService/QueryTwins": Permission.TWINS_READ,
+    "/citytwin.v1.TwinService/WatchTwins": Permission.FEED_WATCH,
+    "/citytwin.v1.ProfileService/GetProfile": Permission.PROFILES_READ,
+    "/citytwin.v1.ProfileService/ListProfiles": Permission.PROFILES_READ,
+    "/citytwin.v1.ProfileService/CreateProfile": Permission.PROFILES_WRITE,
+}
+
+_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+
+def current_principal() -> Principal:
+    """The caller of the RPC being handled."""
+    return _principal.get()
+
+
+def _bearer_token(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            scheme, _, token = str(value).partition(" ")
+            if scheme.lower() == "bearer" and token:
+                return token.strip()
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+    raise Unauthenticated("missing bearer token (authorization: Bearer <token>)")
+
+
+async def _authorize(method: str, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    principal = await authenticate(_bearer_token(context))
+    permission = METHOD_PERMISSIONS.get(method)
+    if permission is None:
+        raise PermissionDenied(f"{method} is not open to API callers")
+    principal.require(permission)
+    return principal
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CitytwinError) -> None:
+    await context.abort(grpc_status(error), str(error))
+
+
+class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every API handler with authentication, authorisation and error mapping."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(_OPEN_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        raise TypeError(f"{method}: only unary and server-streaming methods are wrapped")
+
+    @staticmethod
+    def _unary(method: str, behavior: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                _principal.set(await _authorize(method, context))
+                return await behavior(request, context)
+            except CitytwinError as error:
+                await _abort(context, error)
+
+        return wrapped
+
+    @staticmethod
+    def _stream(method: str, behavior: Any) -> Any:
+        async def wrapped(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                _principal.set(await _authorize(method, context))
+                async for item in behavior(request, context):
+                    yield item
+            except CitytwinError as error:
+                await _abort(context, error)
+
+        return wrapped

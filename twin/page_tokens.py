@@ -1,0 +1,47 @@
+"""Opaque page tokens for List/Query calls (keyset pagination on device id).
+
+A token remembers the last id of the previous page and a fingerprint of the filter, so a
+token reused with another filter is refused instead of silently paging something else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+
+from twin.errors import InvalidArgument
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int) -> int:
+    """The page size to use for a requested one (0 means the default; capped)."""
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _fingerprint(filter_text: str) -> str:
+    return hashlib.sha256(filter_text.encode()).hexdigest()[:16]
+
+
+def encode_page_token(after_id: str, filter_text: str) -> str:
+    """A token continuing after `after_id` for the same filter."""
+    raw = json.dumps({"a": after_id, "f": _fingerprint(filter_text)}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_page_token(token: str, filter_text: str) -> str:
+    """The id to continue after ("" for the first page); InvalidArgument if the token is bad."""
+    if not token:
+        return ""
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        after, fingerprint = data["a"], data["f"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument("page_token is malformed") from None
+    if not isinstance(after, str) or fingerprint != _fingerprint(filter_text):
+        raise InvalidArgument("page_token does not belong to this filter")
+    return after

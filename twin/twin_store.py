@@ -1,0 +1,226 @@
+"""Reading and writing twin documents: one device, a whole selection, and queries.
+
+A write validates the patch against the device's profile before any lock is taken, then in
+one transaction locks the twin row, checks `expected_version`, applies the patch, stamps the
+metadata, bumps the version and appends the change-feed entry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.transactions import in_transaction
+
+from twin import change_feed
+from twin.access import Principal
+from twin.change_feed import ChangeType, FeedNotifier, NewEntry
+from twin.delta import compute_delta
+from twin.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PayloadTooLarge,
+    ProfileViolation,
+    VersionConflict,
+)
+from twin.merge_patch import Document, apply_merge_patch, effective_patch
+from twin.metadata import format_timestamp, update_metadata
+from twin.models import Device, Twin
+from twin.page_tokens import decode_page_token, encode_page_token, page_size
+from twin.profile_store import get_profile
+from twin.profiles import validate_patch
+from twin.registry import DeviceView, LifecycleState, scan_devices, view_of
+from twin.selectors import Selector
+
+DocumentName = Literal["desired", "reported"]
+# A whole document may grow by many patches; bound it so one twin cannot eat the database.
+MAX_DOCUMENT_BYTES = 256 * 1024
+# Devices updated per transaction by a bulk update: each device is still all-or-nothing.
+_BULK_CHUNK = 100
+
+
+@dataclass(frozen=True)
+class TwinView:
+    """A twin as callers see it, with its delta computed."""
+
+    device_id: str
+    desired: Document
+    reported: Document
+    delta: Document
+    desired_metadata: Document
+    reported_metadata: Document
+    version: int
+    updated_at: datetime | None
+
+
+def view_of_twin(row: Twin) -> TwinView:
+    """The TwinView of a database row."""
+    return TwinView(
+        device_id=row.device_id,
+        desired=row.desired,
+        reported=row.reported,
+        delta=compute_delta(row.desired, row.reported),
+        desired_metadata=row.desired_metadata,
+        reported_metadata=row.reported_metadata,
+        version=row.version,
+        updated_at=row.updated_at,
+    )
+
+
+async def _device(device_id: str, principal: Principal) -> DeviceView:
+    row = await Device.get_or_none(id=device_id)
+    if row is None:
+        raise NotFound(f"device {device_id!r} does not exist")
+    view = view_of(row)
+    principal.require_device(view.subject)
+    return view
+
+
+async def get_twin(device_id: str, principal: Principal) -> TwinView:
+    """The twin of one device within the caller's scope."""
+    await _device(device_id, principal)
+    return view_of_twin(await Twin.get(device_id=device_id))
+
+
+def _apply(
+    row: Twin, which: DocumentName, patch: Document, now: datetime
+) -> Document:
+    """Apply `patch` to one document of `row` in memory; returns the effective patch."""
+    document: Document = getattr(row, which)
+    applied = effective_patch(document, patch)
+    if not applied:
+        return applied
+    result = apply_merge_patch(document, applied)
+    size = len(json.dumps(result, separators=(",", ":")).encode())
+    if size > MAX_DOCUMENT_BYTES:
+        raise PayloadTooLarge(
+            f"{which} document would be {size} bytes; the limit is {MAX_DOCUMENT_BYTES}"
+        )
+    setattr(row, which, result)
+    metadata_field = f"{which}_metadata"
+    setattr(
+        row,
+        metadata_field,
+        update_metadata(getattr(row, metadata_field), applied, format_timestamp(now)),
+    )
+    row.version += 1
+    row.updated_at = now
+    return applied
+
+
+def _change_type(which: DocumentName) -> ChangeType:
+    return ChangeType.DESIRED_UPDATED if which == "desired" else ChangeType.REPORTED_UPDATED
+
+
+async def update_document(
+    device_id: str,
+    which: DocumentName,
+    patch: Document,
+    *,
+    expected_version: int,
+    principal: Principal,
+    notifier: FeedNotifier,
+) -> TwinView:
+    """Apply a merge patch to one device's desired or reported document."""
+    device = await _device(device_id, principal)
+    if device.state == LifecycleState.DECOMMISSIONED:
+        raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
+    validate_patch(await get_profile(device.model), patch, document=which)
+    async with in_transaction() as conn:
+        row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
+        if expected_version and row.version != expected_version:
+            raise VersionConflict(
+                f"twin of {device_id!r} is at version {row.version}, "
+                f"not the expected {expected_version}"
+            )
+        applied = _apply(row, which, patch, datetime.now(UTC))
+        if not applied:
+            return view_of_twin(row)
+        await row.save(using_db=conn)
+        await change_feed.append(
+            conn, [NewEntry(device.subject, _change_type(which), row.version, applied)]
+        )
+    notifier.wake()
+    return view_of_twin(row)
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What a bulk desired update did."""
+
+    matched: int
+    changed: int
+
+
+async def bulk_update_desired(
+    selector: Selector, patch: Document, principal: Principal, notifier: FeedNotifier
+) -> BulkResult:
+    """Apply one patch to the desired state of every live device the selector matches."""
+    if not selector.terms:
+        raise InvalidArgument(
+            "a bulk update needs a selector; use 'kind in (lamp,sensor,camera)' for every device"
+        )
+    devices = [
+        view
+        async for view, _ in scan_devices(selector.combine(principal.scope))
+        if view.state != LifecycleState.DECOMMISSIONED
+    ]
+    # Refuse the whole update up front if any matched model cannot take the patch.
+    for model in sorted({d.model for d in devices}):
+        try:
+            validate_patch(await get_profile(model), patch, document="desired")
+        except ProfileViolation as violation:
+            raise ProfileViolation(
+                violation.path, f"{violation.reason} (model {model})"
+            ) from None
+    changed = 0
+    for start in range(0, len(devices), _BULK_CHUNK):
+        async with in_transaction() as conn:
+            changed += await _bulk_chunk(conn, devices[start : start + _BULK_CHUNK], patch)
+        notifier.wake()
+    return BulkResult(matched=len(devices), changed=changed)
+
+
+async def _bulk_chunk(
+    conn: BaseDBAsyncClient, devices: Sequence[DeviceView], patch: Document
+) -> int:
+    by_id = {d.id: d for d in devices}
+    rows = (
+        await Twin.filter(device_id__in=list(by_id))
+        .using_db(conn)
+        .select_for_update()
+        .order_by("device_id")
+    )
+    now = datetime.now(UTC)
+    entries = []
+    for row in rows:
+        applied = _apply(row, "desired", patch, now)
+        if applied:
+            await row.save(using_db=conn)
+            entries.append(
+                NewEntry(by_id[row.device_id].subject, ChangeType.DESIRED_UPDATED, row.version, applied)
+            )
+    await change_feed.append(conn, entries)
+    return len(entries)
+
+
+async def query_twins(
+    selector: Selector, filter_text: str, requested_size: int, token: str, principal: Principal
+) -> tuple[list[TwinView], str]:
+    """A page of twins whose devices match selector (within scope), and the next token."""
+    size = page_size(requested_size)
+    after = decode_page_token(token, filter_text)
+    found: list[tuple[DeviceView, Twin | None]] = [
+        pair async for pair in scan_devices(selector.combine(principal.scope), after, limit=size + 1)
+    ]
+    page = found[:size]
+    ids = [view.id for view, twin in page if twin is None]
+    loaded = {t.device_id: t for t in await Twin.filter(device_id__in=ids)} if ids else {}
+    twins = [view_of_twin(twin or loaded[view.id]) for view, twin in page]
+    next_token = encode_page_token(page[-1][0].id, filter_text) if len(found) > size else ""
+    return twins, next_token
