@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto bench clean
+.PHONY: run test lint proto migrations bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 ## Regenerate the gRPC code from proto/citytwin/v1/*.proto.
 proto: $(STAMP)
 	$(BIN)/python proto/generate.py
+
+## Write a migration for model changes (then commit it; it is applied on start).
+migrations: $(STAMP)
+	$(BIN)/tortoise -c twin.database.MIGRATIONS_CONFIG makemigrations
 
 bench: $(STAMP)
 	$(BIN)/python bench/twin_updates.py

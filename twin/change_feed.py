@@ -195,7 +195,7 @@ class FeedNotifier:
                     await conn.add_listener(NOTIFY_CHANNEL, lambda *_: self.wake())
                     self.wake()  # anything appended while we were not listening
                     closed = asyncio.Event()
-                    conn.add_termination_listener(lambda *_: closed.set())
+                    conn.add_termination_listener(lambda *_, ev=closed: ev.set())
                     await closed.wait()
                 finally:
                     await conn.close()

@@ -187,7 +187,10 @@ async def create_device(
         raise InvalidArgument("device.serial_number is required (at most 128 characters)")
     check_labels(device.labels)
     check_location(device.location)
-    profile = await get_profile(device.model)
+    try:
+        profile = await get_profile(device.model)
+    except NotFound as missing:
+        raise InvalidArgument(f"device.model: {missing}; register a profile first") from None
     if profile.kind != device.kind:
         raise InvalidArgument(f"model {device.model!r} is a {profile.kind}, not a {device.kind}")
     now = datetime.now(UTC)

@@ -15,8 +15,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from citytwin.v1 import devices_pb2, devices_pb2_grpc, profiles_pb2, profiles_pb2_grpc
-from citytwin.v1 import twins_pb2, twins_pb2_grpc
+from citytwin.v1 import (
+    devices_pb2,
+    devices_pb2_grpc,
+    profiles_pb2,
+    profiles_pb2_grpc,
+    twins_pb2,
+    twins_pb2_grpc,
+)
 from twin import change_feed
 from twin.change_feed import FeedNotifier
 from twin.database import close_database, open_database

@@ -87,9 +87,7 @@ async def get_twin(device_id: str, principal: Principal) -> TwinView:
     return view_of_twin(await Twin.get(device_id=device_id))
 
 
-def _apply(
-    row: Twin, which: DocumentName, patch: Document, now: datetime
-) -> Document:
+def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Document:
     """Apply `patch` to one document of `row` in memory; returns the effective patch."""
     document: Document = getattr(row, which)
     applied = effective_patch(document, patch)
@@ -175,9 +173,7 @@ async def bulk_update_desired(
         try:
             validate_patch(await get_profile(model), patch, document="desired")
         except ProfileViolation as violation:
-            raise ProfileViolation(
-                violation.path, f"{violation.reason} (model {model})"
-            ) from None
+            raise ProfileViolation(violation.path, f"{violation.reason} (model {model})") from None
     changed = 0
     for start in range(0, len(devices), _BULK_CHUNK):
         async with in_transaction() as conn:
@@ -203,7 +199,9 @@ async def _bulk_chunk(
         if applied:
             await row.save(using_db=conn)
             entries.append(
-                NewEntry(by_id[row.device_id].subject, ChangeType.DESIRED_UPDATED, row.version, applied)
+                NewEntry(
+                    by_id[row.device_id].subject, ChangeType.DESIRED_UPDATED, row.version, applied
+                )
             )
     await change_feed.append(conn, entries)
     return len(entries)
@@ -216,7 +214,8 @@ async def query_twins(
     size = page_size(requested_size)
     after = decode_page_token(token, filter_text)
     found: list[tuple[DeviceView, Twin | None]] = [
-        pair async for pair in scan_devices(selector.combine(principal.scope), after, limit=size + 1)
+        pair
+        async for pair in scan_devices(selector.combine(principal.scope), after, limit=size + 1)
     ]
     page = found[:size]
     ids = [view.id for view, twin in page if twin is None]

@@ -59,8 +59,16 @@ def test_generated_id_when_none_given(deployment: Deployment) -> None:
         ("ok-2", d.Device(kind=d.LAMP, model="no-such-model", serial_number="s"), "no-such-model"),
         ("ok-3", d.Device(kind=d.CAMERA, model="lamp-led-dimmable", serial_number="s"), "lamp"),
         ("ok-4", lamp("sn-x3", **{"Bad Key": "v"}), "label key"),
-        ("ok-5", d.Device(kind=d.LAMP, model="lamp-led-dimmable", serial_number="s",
-                          location=d.Location(latitude=91)), "latitude"),
+        (
+            "ok-5",
+            d.Device(
+                kind=d.LAMP,
+                model="lamp-led-dimmable",
+                serial_number="s",
+                location=d.Location(latitude=91),
+            ),
+            "latitude",
+        ),
     ],
 )
 def test_invalid_creates_are_refused_and_store_nothing(
@@ -68,7 +76,9 @@ def test_invalid_creates_are_refused_and_store_nothing(
 ) -> None:
     api = deployment.api()
     with pytest.raises(grpc.RpcError) as info:
-        api.call(api.devices.CreateDevice, d.CreateDeviceRequest(device_id=device_id, device=device))
+        api.call(
+            api.devices.CreateDevice, d.CreateDeviceRequest(device_id=device_id, device=device)
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fragment in info.value.details()
     if device_id != "Bad_Id":
@@ -121,17 +131,27 @@ def test_list_pages_with_selector(deployment: Deployment) -> None:
         if not token:
             break
     assert seen == ids and pages == 3
-    odd = api.call(api.devices.ListDevices, d.ListDevicesRequest(filter=f"district={district},row=1"))
+    odd = api.call(
+        api.devices.ListDevices, d.ListDevicesRequest(filter=f"district={district},row=1")
+    )
     assert len(odd.devices) == 3
-    assert status_of(
-        lambda: api.call(
-            api.devices.ListDevices,
-            d.ListDevicesRequest(filter="kind=lamp", page_token=reply.next_page_token or "eyJ4Ijox"),
+    assert (
+        status_of(
+            lambda: api.call(
+                api.devices.ListDevices,
+                d.ListDevicesRequest(
+                    filter="kind=lamp", page_token=reply.next_page_token or "eyJ4Ijox"
+                ),
+            )
         )
-    ) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_of(
-        lambda: api.call(api.devices.ListDevices, d.ListDevicesRequest(filter="kind=bus"))
-    ) == grpc.StatusCode.INVALID_ARGUMENT
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        status_of(
+            lambda: api.call(api.devices.ListDevices, d.ListDevicesRequest(filter="kind=bus"))
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 def test_update_labels_and_location_with_mask(deployment: Deployment) -> None:
@@ -173,6 +193,8 @@ def test_decommission_makes_twin_read_only(deployment: Deployment) -> None:
     patch = Struct()
     patch.update({"brightness": 10})
     code = status_of(
-        lambda: api.call(api.twins.UpdateDesired, t.UpdateDesiredRequest(name=created.name, patch=patch))
+        lambda: api.call(
+            api.twins.UpdateDesired, t.UpdateDesiredRequest(name=created.name, patch=patch)
+        )
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION

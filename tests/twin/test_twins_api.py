@@ -25,8 +25,9 @@ def plain(value: Struct) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 
 
-def new_device(dep: Deployment, kind: int = d.LAMP, model: str = "lamp-led-dimmable",
-               **labels: str) -> str:
+def new_device(
+    dep: Deployment, kind: int = d.LAMP, model: str = "lamp-led-dimmable", **labels: str
+) -> str:
     api = dep.api()
     device_id = unique("dev")
     api.call(
@@ -47,7 +48,9 @@ def desired(api: Api, name: str, patch: dict[str, Any], version: int = 0) -> t.T
 
 
 def reported(api: Api, name: str, patch: dict[str, Any]) -> t.Twin:
-    return api.call(api.twins.UpdateReported, t.UpdateReportedRequest(name=name, patch=struct(patch)))
+    return api.call(
+        api.twins.UpdateReported, t.UpdateReportedRequest(name=name, patch=struct(patch))
+    )
 
 
 def error_of(call: Any) -> grpc.RpcError:
@@ -71,9 +74,15 @@ def test_merge_patch_semantics_and_nested_delta(deployment: Deployment) -> None:
     twin = desired(api, name, {"power": True, "brightness": 80, "dimming_schedule": schedule})
     assert twin.version == 1
     twin = reported(
-        api, name,
-        {"power": True, "brightness": 50, "dimming_schedule": schedule[:1],
-         "energy": {"total_wh": 12.5, "power_w": 40}, "faults": {"lamp_failure": False}},
+        api,
+        name,
+        {
+            "power": True,
+            "brightness": 50,
+            "dimming_schedule": schedule[:1],
+            "energy": {"total_wh": 12.5, "power_w": 40},
+            "faults": {"lamp_failure": False},
+        },
     )
     assert twin.version == 2
     # Leaves that differ are in the delta; arrays compare whole.
@@ -119,7 +128,10 @@ def test_expected_version_conflict_is_aborted_and_changes_nothing(deployment: De
         ({"brightness": "high"}, "desired.brightness"),
         ({"colour": "red"}, "desired.colour"),
         ({"energy": {"total_wh": 5}}, "desired.energy"),
-        ({"dimming_schedule": [{"at": "22:00", "level": 101}]}, "desired.dimming_schedule[0].level"),
+        (
+            {"dimming_schedule": [{"at": "22:00", "level": 101}]},
+            "desired.dimming_schedule[0].level",
+        ),
     ],
 )
 def test_profile_violations_name_the_path(
@@ -177,7 +189,9 @@ def test_bulk_update_by_selector_on_1000_devices(deployment: Deployment) -> None
             d.CreateDeviceRequest(
                 device_id=f"{district}-{i:04d}",
                 device=d.Device(
-                    kind=d.LAMP, model="lamp-led-dimmable", serial_number=f"{district}-sn-{i}",
+                    kind=d.LAMP,
+                    model="lamp-led-dimmable",
+                    serial_number=f"{district}-sn-{i}",
                     labels={"district": district},
                 ),
             ),
@@ -187,8 +201,9 @@ def test_bulk_update_by_selector_on_1000_devices(deployment: Deployment) -> None
         desired(api, f"devices/{district}-{i:04d}", {"brightness": 40})
     reply = api.call(
         api.twins.BulkUpdateDesired,
-        t.BulkUpdateDesiredRequest(filter=f"kind=lamp,district={district}",
-                                   patch=struct({"brightness": 40})),
+        t.BulkUpdateDesiredRequest(
+            filter=f"kind=lamp,district={district}", patch=struct({"brightness": 40})
+        ),
         timeout=120,
     )
     assert (reply.matched_count, reply.changed_count) == (1000, 990)
@@ -198,19 +213,28 @@ def test_bulk_update_by_selector_on_1000_devices(deployment: Deployment) -> None
     )
     assert len(query.twins) == 1000 and not query.next_page_token
     # A patch some matched model refuses changes nothing at all.
-    err = error_of(lambda: api.call(
-        api.twins.BulkUpdateDesired,
-        t.BulkUpdateDesiredRequest(filter=f"district={district}", patch=struct({"brightness": 400})),
-    ))
+    err = error_of(
+        lambda: api.call(
+            api.twins.BulkUpdateDesired,
+            t.BulkUpdateDesiredRequest(
+                filter=f"district={district}", patch=struct({"brightness": 400})
+            ),
+        )
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "brightness" in err.details()
-    err = error_of(lambda: api.call(
-        api.twins.BulkUpdateDesired, t.BulkUpdateDesiredRequest(filter="", patch=struct({"power": True}))
-    ))
+    err = error_of(
+        lambda: api.call(
+            api.twins.BulkUpdateDesired,
+            t.BulkUpdateDesiredRequest(filter="", patch=struct({"power": True})),
+        )
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
-    err = error_of(lambda: api.call(
-        api.twins.BulkUpdateDesired,
-        t.BulkUpdateDesiredRequest(filter="district=(", patch=struct({"power": True})),
-    ))
+    err = error_of(
+        lambda: api.call(
+            api.twins.BulkUpdateDesired,
+            t.BulkUpdateDesiredRequest(filter="district=(", patch=struct({"power": True})),
+        )
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     sample = api.call(api.twins.GetTwin, t.GetTwinRequest(name=f"devices/{district}-0500"))
     assert plain(sample.desired) == {"brightness": 40} and sample.version == 1
@@ -227,7 +251,9 @@ def test_query_by_reported_values_and_delta(deployment: Deployment) -> None:
     reported(api, names[2], {"brightness": 90})
 
     def query(selector: str) -> list[str]:
-        reply = api.call(api.twins.QueryTwins, t.QueryTwinsRequest(filter=f"street={street},{selector}"))
+        reply = api.call(
+            api.twins.QueryTwins, t.QueryTwinsRequest(filter=f"street={street},{selector}")
+        )
         return sorted(tw.name.removesuffix("/twin") for tw in reply.twins)
 
     assert query("has_delta=true") == [names[0]]

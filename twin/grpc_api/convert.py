@@ -43,9 +43,8 @@ _PROPERTY_TYPE_NAMES = {v: k for k, v in _PROPERTY_TYPES.items()}
 def device_id_from_name(name: str) -> str:
     """The device id in `devices/{id}` or `devices/{id}/twin`."""
     parts = name.split("/")
-    if len(parts) in (2, 3) and parts[0] == "devices" and parts[1]:
-        if len(parts) == 2 or parts[2] == "twin":
-            return parts[1]
+    if parts[0] == "devices" and len(parts) in (2, 3) and parts[1] and parts[2:] in ([], ["twin"]):
+        return parts[1]
     raise InvalidArgument(f"name {name!r} is not of the form devices/{{device_id}}")
 
 

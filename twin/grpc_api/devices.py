@@ -66,9 +66,7 @@ class DeviceServicer(devices_pb2_grpc.DeviceServiceServicer):
         updated = await registry.update_device(
             device_id_from_name(request.device.name),
             labels=dict(request.device.labels) if "labels" in paths else None,
-            location=location_from_proto(request.device.location)
-            if "location" in paths
-            else None,
+            location=location_from_proto(request.device.location) if "location" in paths else None,
             principal=current_principal(),
             notifier=self._notifier,
         )
