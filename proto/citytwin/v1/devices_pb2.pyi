@@ -166,7 +166,7 @@ class Device(_message.Message):
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free labels used by selectors, e.g. `district=north`, `street=main`. Keys are lower-case
-        `[a-z0-9][a-z0-9_.-/]*` up to 63 characters; values up to 255 characters.
+        `[a-z0-9]([a-z0-9_-]*[a-z0-9])?` up to 63 characters (no dots: dotted selector keys name twin values); values up to 255 characters.
         """
 
     @_builtins.property
