@@ -71,7 +71,9 @@ def new_database(backend: str, home: Path) -> Database:
     name = f"citytwin_test_{secrets.token_hex(4)}"
     _pg_admin(f'CREATE DATABASE "{name}"')
     parts = urllib.parse.urlsplit(PG_DSN)
-    return Database(url=urllib.parse.urlunsplit(parts._replace(path=f"/{name}")), home=home, _pg_name=name)
+    return Database(
+        url=urllib.parse.urlunsplit(parts._replace(path=f"/{name}")), home=home, _pg_name=name
+    )
 
 
 def run_cli(db: Database, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -188,13 +190,13 @@ class Deployment:
 
 
 def _issue_tokens(db: Database) -> dict[str, str]:
-    return {
-        role: run_cli(db, "token", "create", "--role", role).stdout.strip() for role in ROLES
-    }
+    return {role: run_cli(db, "token", "create", "--role", role).stdout.strip() for role in ROLES}
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def deployment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Deployment]:
     """One server per backend for the whole session, shared by tests that tolerate others'
     devices (each test uses its own device ids and labels)."""
     backend = request.param

@@ -124,7 +124,7 @@ def parse_cursor(text: str) -> int:
 async def latest_cursor() -> int:
     """The id of the newest entry, 0 if the feed is empty."""
     newest = await ChangeEntry.all().order_by("-id").first().values_list("id", flat=True)
-    return int(newest) if newest is not None else 0  # type: ignore[call-overload]
+    return int(str(newest)) if newest is not None else 0
 
 
 async def trimmed_through() -> int:

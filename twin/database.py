@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import asyncpg
-
 from tortoise import Tortoise, connections
 from tortoise.migrations.api import migrate
 
@@ -27,9 +26,7 @@ def tortoise_config(db_url: str) -> dict[str, Any]:
         db_url = "postgres://" + db_url.removeprefix("postgresql://")
     return {
         "connections": {"default": db_url},
-        "apps": {
-            label: {**app, "default_connection": "default"} for label, app in APPS.items()
-        },
+        "apps": {label: {**app, "default_connection": "default"} for label, app in APPS.items()},
         "use_tz": True,
         "timezone": "UTC",
     }
@@ -37,7 +34,8 @@ def tortoise_config(db_url: str) -> dict[str, Any]:
 
 def is_postgres() -> bool:
     """Whether the open database is PostgreSQL."""
-    return connections.get("default").capabilities.dialect == "postgres"
+    dialect: str = connections.get("default").capabilities.dialect
+    return dialect == "postgres"
 
 
 async def open_database(db_url: str) -> None:

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from twin.errors import InvalidArgument, ProfileViolation
 from twin.merge_patch import JSON, Document
+from twin.selectors import KINDS
 
-KINDS = ("lamp", "sensor", "camera")
 MAX_PROPERTIES = 512
 _MODEL = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 # A member name optionally followed by `[]` (one per array level), e.g. `schedule[]`.

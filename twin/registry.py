@@ -24,12 +24,11 @@ from twin.errors import AlreadyExists, InvalidArgument, NotFound
 from twin.models import Device, Twin
 from twin.page_tokens import decode_page_token, encode_page_token, page_size
 from twin.profile_store import get_profile
-from twin.selectors import Selector, Subject, matches
+from twin.selectors import KINDS, Selector, Subject, matches
 
 DEVICE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")
 MAX_LABELS = 64
-KINDS = ("lamp", "sensor", "camera")
 
 
 class LifecycleState(StrEnum):

@@ -56,7 +56,8 @@ def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Se
     devices_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(notifier), server)
     twins_pb2_grpc.add_TwinServiceServicer_to_server(TwinServicer(notifier), server)
     profiles_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(), server)
-    health_servicer = health.aio.HealthServicer()
+    # health.aio is the public async servicer; the package re-exports it without typing it.
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *_SERVICES):
         asyncio.get_running_loop().create_task(

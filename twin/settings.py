@@ -40,8 +40,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     env = dict(os.environ if env is None else env)
     home = Path(env.get("CITYTWIN_HOME", "var")).resolve()
     db_url = env.get("CITYTWIN_DB") or f"sqlite://{home / 'citytwin.sqlite3'}"
-    cert, key = _optional_path(env.get("CITYTWIN_TLS_CERT")), _optional_path(
-        env.get("CITYTWIN_TLS_KEY")
+    cert, key = (
+        _optional_path(env.get("CITYTWIN_TLS_CERT")),
+        _optional_path(env.get("CITYTWIN_TLS_KEY")),
     )
     if (cert is None) != (key is None):
         raise SystemExit("CITYTWIN_TLS_CERT and CITYTWIN_TLS_KEY must be set together")

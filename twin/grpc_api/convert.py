@@ -80,7 +80,7 @@ def patch_from_struct(value: Struct) -> Document:
 
 def kind_from_proto(kind: int) -> str:
     """The kind name of a DeviceKind value ("" if unspecified or unknown)."""
-    return _KINDS.get(kind, "")  # type: ignore[call-overload]
+    return _KINDS.get(devices_pb2.DeviceKind.ValueType(kind), "")
 
 
 def device_to_proto(view: DeviceView) -> devices_pb2.Device:

@@ -71,14 +71,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CitytwinErr
     await context.abort(grpc_status(error), str(error))
 
 
-class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every API handler with authentication, authorisation and error mapping."""
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(details)
         method: str = details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):

@@ -1,0 +1,104 @@
+"""Per-leaf timestamps of twin documents."""
+
+from __future__ import annotations
+
+import copy
+import random
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from tests.twin.test_merge_patch import random_document
+from twin.merge_patch import JSON, Document, apply_merge_patch, effective_patch
+from twin.metadata import format_timestamp, update_metadata
+
+T0 = "2026-11-23T10:00:00.000Z"
+T1 = "2026-11-23T11:00:00.000Z"
+
+
+@pytest.mark.parametrize(
+    ("moment", "text"),
+    [
+        (datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC), "2026-11-23T10:00:00.123Z"),
+        (datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC), "2026-11-23T10:00:00.000Z"),
+        (datetime(2026, 11, 23, 10, 0, 0, 999999, tzinfo=UTC), "2026-11-23T10:00:00.999Z"),
+        (
+            datetime(
+                2026, 11, 23, 11, 30, 5, 7000, tzinfo=timezone(timedelta(hours=1, minutes=30))
+            ),
+            "2026-11-23T10:00:05.007Z",
+        ),
+        (
+            datetime(2026, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=2))),
+            "2025-12-31T22:30:00.000Z",
+        ),
+        (datetime(999, 2, 3, 4, 5, 6, tzinfo=UTC), "0999-02-03T04:05:06.000Z"),
+    ],
+)
+def test_format_timestamp(moment: datetime, text: str) -> None:
+    assert format_timestamp(moment) == text
+    assert datetime.fromisoformat(text) == moment.replace(
+        microsecond=moment.microsecond // 1000 * 1000
+    )
+
+
+def test_format_timestamp_refuses_naive() -> None:
+    with pytest.raises(ValueError, match="aware"):
+        format_timestamp(datetime(2026, 11, 23, 10, 0))
+
+
+@pytest.mark.parametrize(
+    ("metadata", "patch", "expected"),
+    [
+        ({}, {}, {}),
+        ({}, {"a": 1}, {"a": T1}),
+        ({"a": T0}, {"a": 2}, {"a": T1}),
+        ({"a": T0, "b": T0}, {"a": None}, {"b": T0}),
+        ({"a": T0}, {"b": None}, {"a": T0}),
+        ({}, {"a": [1, {"b": 2}]}, {"a": T1}),
+        ({"a": {"b": T0}}, {"a": [1]}, {"a": T1}),
+        ({}, {"a": {"b": 1, "c": {"d": "x"}}}, {"a": {"b": T1, "c": {"d": T1}}}),
+        ({"a": {"b": T0, "c": T0}}, {"a": {"b": 5}}, {"a": {"b": T1, "c": T0}}),
+        ({"a": {"b": T0, "c": T0}}, {"a": {"b": None}}, {"a": {"c": T0}}),
+        ({"a": T0}, {"a": {"b": 1}}, {"a": {"b": T1}}),
+        ({"a": T0}, {"a": {}}, {"a": {}}),
+        ({}, {"a": {}}, {"a": {}}),
+        ({"a": {"b": T0}}, {"a": {}}, {"a": {"b": T0}}),
+        ({"a": {"b": T0}}, {"a": None}, {}),
+        ({"x": T0}, {"a": {"b": {"c": None}}}, {"x": T0, "a": {"b": {}}}),
+    ],
+)
+def test_update_metadata(metadata: Document, patch: Document, expected: Document) -> None:
+    assert update_metadata(metadata, patch, T1) == expected
+
+
+def test_update_metadata_does_not_mutate_or_alias() -> None:
+    metadata: Document = {"a": {"b": T0}, "k": {"l": T0}}
+    patch: Document = {"a": {"c": 1}}
+    before = copy.deepcopy((metadata, patch))
+    result: Any = update_metadata(metadata, patch, T1)
+    result["k"]["l"] = "changed"
+    result["a"]["b"] = "changed"
+    assert (metadata, patch) == before
+
+
+def _shape(value: JSON) -> JSON:
+    """The document with every leaf replaced by "leaf": what its metadata must look like."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return "leaf"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_metadata_mirrors_document_through_patch_sequences(seed: int) -> None:
+    rng = random.Random(seed)
+    document: Document = {}
+    metadata: Document = {}
+    for step in range(60):
+        patch = random_document(rng, 0, nulls=True)
+        applied = effective_patch(document, patch)
+        document = apply_merge_patch(document, applied)
+        stamp = f"2026-11-23T10:00:{step:02d}.000Z"
+        metadata = update_metadata(metadata, applied, stamp)
+        assert _shape(metadata) == _shape(document)
