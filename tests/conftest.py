@@ -95,6 +95,7 @@ class Server:
 
     db: Database
     extra_env: dict[str, str] = field(default_factory=dict)
+    tls_root: bytes | None = None
     grpc_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
@@ -122,7 +123,12 @@ class Server:
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        channel = (
+            grpc.secure_channel(self.address, grpc.ssl_channel_credentials(self.tls_root))
+            if self.tls_root
+            else grpc.insecure_channel(self.address)
+        )
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 assert self.process and self.process.poll() is None, self.log_text()
