@@ -93,7 +93,12 @@ async def append(conn: BaseDBAsyncClient, entries: Sequence[NewEntry]) -> None:
         return
     now = datetime.now(UTC)
     if conn.capabilities.dialect == "postgres":
-        await conn.execute_query("SELECT pg_advisory_xact_lock($1)", [_APPEND_LOCK_KEY])
+        # One round trip: the ordering lock, and the wake-up PostgreSQL sends to every
+        # listening replica when (and only if) this transaction commits.
+        await conn.execute_query(
+            f"SELECT pg_advisory_xact_lock($1), pg_notify('{NOTIFY_CHANNEL}', '')",
+            [_APPEND_LOCK_KEY],
+        )
     await ChangeEntry.bulk_create(
         [
             ChangeEntry(
@@ -109,9 +114,6 @@ async def append(conn: BaseDBAsyncClient, entries: Sequence[NewEntry]) -> None:
         ],
         using_db=conn,
     )
-    if conn.capabilities.dialect == "postgres":
-        # Delivered by PostgreSQL at commit, to every replica listening.
-        await conn.execute_query(f"NOTIFY {NOTIFY_CHANNEL}")
 
 
 def parse_cursor(text: str) -> int:
