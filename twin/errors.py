@@ -68,6 +68,10 @@ class ResourceExhausted(CitytwinError):
     """A rate or capacity limit is reached; retry later."""
 
 
+class Unavailable(CitytwinError):
+    """A dependency (the database) cannot be reached right now; retry later."""
+
+
 # Most specific class first: lookups walk the exception's MRO.
 _TABLE: dict[type[CitytwinError], tuple[grpc.StatusCode, Code]] = {
     PayloadTooLarge: (grpc.StatusCode.INVALID_ARGUMENT, Code.REQUEST_ENTITY_TOO_LARGE),
@@ -81,6 +85,7 @@ _TABLE: dict[type[CitytwinError], tuple[grpc.StatusCode, Code]] = {
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Code.UNAUTHORIZED),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Code.FORBIDDEN),
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, Code.TOO_MANY_REQUESTS),
+    Unavailable: (grpc.StatusCode.UNAVAILABLE, Code.SERVICE_UNAVAILABLE),
     CitytwinError: (grpc.StatusCode.INTERNAL, Code.INTERNAL_SERVER_ERROR),
 }
 

@@ -13,10 +13,18 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import grpc
+from tortoise.exceptions import DBConnectionError
 
 from twin.access import Permission, Principal
-from twin.errors import CitytwinError, PermissionDenied, Unauthenticated, grpc_status
+from twin.errors import (
+    CitytwinError,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    grpc_status,
+)
 from twin.tokens import authenticate
 
 log = logging.getLogger(__name__)
@@ -39,6 +47,15 @@ METHOD_PERMISSIONS: dict[str, Permission] = {
     "/citytwin.v1.ProfileService/ListProfiles": Permission.PROFILES_READ,
     "/citytwin.v1.ProfileService/CreateProfile": Permission.PROFILES_WRITE,
 }
+
+# Failures of the database connection, not of the request: the caller should retry.
+_INFRASTRUCTURE_ERRORS = (
+    OSError,
+    DBConnectionError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InvalidCatalogNameError,
+)
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
@@ -67,7 +84,16 @@ async def _authorize(method: str, context: grpc.aio.ServicerContext[Any, Any]) -
     return principal
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: CitytwinError) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    """End the call with the status that `exc` means; never leak internals to the caller."""
+    if isinstance(exc, CitytwinError):
+        error = exc
+    elif isinstance(exc, _INFRASTRUCTURE_ERRORS):
+        log.warning("database unavailable", extra={"method": method, "error": repr(exc)})
+        error = Unavailable("the database is unavailable; retry later")
+    else:
+        log.error("unexpected error", extra={"method": method}, exc_info=exc)
+        error = CitytwinError("internal error; the server log has the details")
     await context.abort(grpc_status(error), str(error))
 
 
@@ -105,8 +131,10 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             try:
                 _principal.set(await _authorize(method, context))
                 return await behavior(request, context)
-            except CitytwinError as error:
-                await _abort(context, error)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, method, exc)
 
         return wrapped
 
@@ -119,7 +147,9 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 _principal.set(await _authorize(method, context))
                 async for item in behavior(request, context):
                     yield item
-            except CitytwinError as error:
-                await _abort(context, error)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort(context, method, exc)
 
         return wrapped
