@@ -20,7 +20,7 @@ from twin import change_feed
 from twin.access import Principal
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.delta import has_delta
-from twin.errors import AlreadyExists, InvalidArgument, NotFound
+from twin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from twin.models import Device, Twin
 from twin.page_tokens import decode_page_token, encode_page_token, page_size
 from twin.profile_store import get_profile
@@ -312,6 +312,8 @@ async def update_device(
         if row is None:
             raise NotFound(f"device {device_id!r} does not exist")
         principal.require_device(view_of(row).subject)
+        if row.state == LifecycleState.DECOMMISSIONED:
+            raise FailedPrecondition(f"device {device_id!r} is decommissioned")
         if labels is not None:
             row.labels = dict(labels)
         if location is not None:

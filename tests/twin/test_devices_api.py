@@ -198,3 +198,9 @@ def test_decommission_makes_twin_read_only(deployment: Deployment) -> None:
         )
     )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+    relabel = d.UpdateDeviceRequest(
+        device=d.Device(name=created.name, labels={"district": "x"}),
+        update_mask=FieldMask(paths=["labels"]),
+    )
+    code = status_of(lambda: api.call(api.devices.UpdateDevice, relabel))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION

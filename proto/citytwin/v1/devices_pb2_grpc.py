@@ -97,13 +97,15 @@ class DeviceServiceServicer:
 
     def UpdateDevice(self, request, context):
         """Updates the mutable fields named in `update_mask`: `labels` and/or `location`.
+        FAILED_PRECONDITION if the device is decommissioned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DecommissionDevice(self, request, context):
-        """Moves a device to DECOMMISSIONED. Its twin can no longer be written. Idempotent.
+        """Moves a device to DECOMMISSIONED. Neither the device nor its twin can be written
+        afterwards. Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

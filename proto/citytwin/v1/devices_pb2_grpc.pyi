@@ -47,9 +47,13 @@ class DeviceServiceStub:
     ListDevices: _grpc.UnaryUnaryMultiCallable[_devices_pb2.ListDevicesRequest, _devices_pb2.ListDevicesResponse]
     """Lists devices in id order, optionally filtered by a selector, one page at a time."""
     UpdateDevice: _grpc.UnaryUnaryMultiCallable[_devices_pb2.UpdateDeviceRequest, _devices_pb2.Device]
-    """Updates the mutable fields named in `update_mask`: `labels` and/or `location`."""
+    """Updates the mutable fields named in `update_mask`: `labels` and/or `location`.
+    FAILED_PRECONDITION if the device is decommissioned.
+    """
     DecommissionDevice: _grpc.UnaryUnaryMultiCallable[_devices_pb2.DecommissionDeviceRequest, _devices_pb2.Device]
-    """Moves a device to DECOMMISSIONED. Its twin can no longer be written. Idempotent."""
+    """Moves a device to DECOMMISSIONED. Neither the device nor its twin can be written
+    afterwards. Idempotent.
+    """
 
 @_typing.type_check_only
 class DeviceServiceAsyncStub(DeviceServiceStub):
@@ -70,9 +74,13 @@ class DeviceServiceAsyncStub(DeviceServiceStub):
     ListDevices: _aio.UnaryUnaryMultiCallable[_devices_pb2.ListDevicesRequest, _devices_pb2.ListDevicesResponse]  # type: ignore[assignment]
     """Lists devices in id order, optionally filtered by a selector, one page at a time."""
     UpdateDevice: _aio.UnaryUnaryMultiCallable[_devices_pb2.UpdateDeviceRequest, _devices_pb2.Device]  # type: ignore[assignment]
-    """Updates the mutable fields named in `update_mask`: `labels` and/or `location`."""
+    """Updates the mutable fields named in `update_mask`: `labels` and/or `location`.
+    FAILED_PRECONDITION if the device is decommissioned.
+    """
     DecommissionDevice: _aio.UnaryUnaryMultiCallable[_devices_pb2.DecommissionDeviceRequest, _devices_pb2.Device]  # type: ignore[assignment]
-    """Moves a device to DECOMMISSIONED. Its twin can no longer be written. Idempotent."""
+    """Moves a device to DECOMMISSIONED. Neither the device nor its twin can be written
+    afterwards. Idempotent.
+    """
 
 class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
     """DeviceService keeps the registry of devices. A device is created by an installer (or a
@@ -114,7 +122,9 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _devices_pb2.UpdateDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_devices_pb2.Device, _abc.Awaitable[_devices_pb2.Device]]:
-        """Updates the mutable fields named in `update_mask`: `labels` and/or `location`."""
+        """Updates the mutable fields named in `update_mask`: `labels` and/or `location`.
+        FAILED_PRECONDITION if the device is decommissioned.
+        """
 
     @_abc_1.abstractmethod
     def DecommissionDevice(
@@ -122,6 +132,8 @@ class DeviceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _devices_pb2.DecommissionDeviceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_devices_pb2.Device, _abc.Awaitable[_devices_pb2.Device]]:
-        """Moves a device to DECOMMISSIONED. Its twin can no longer be written. Idempotent."""
+        """Moves a device to DECOMMISSIONED. Neither the device nor its twin can be written
+        afterwards. Idempotent.
+        """
 
 def add_DeviceServiceServicer_to_server(servicer: DeviceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
