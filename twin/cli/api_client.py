@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -132,3 +132,11 @@ def api_command(
                 return report_rpc_error(error)
 
     return run
+
+
+def add_api_command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """Add an API sub-command with `--json` and the connection options."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    add_connection_arguments(parser)
+    return parser

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from citytwin.v1 import devices_pb2 as d
-from twin.cli.api_client import ApiClient, add_connection_arguments, api_command, device_name
+from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name
 from twin.cli.output import (
     format_time,
     message_to_dict,
@@ -142,30 +142,23 @@ def _create(args: argparse.Namespace, api: ApiClient) -> int:
     return 0
 
 
-def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    add_connection_arguments(parser)
-    return parser
-
-
 def register(commands: Any) -> None:
     """Add `devices list|get|create`."""
     devices = commands.add_parser("devices", help="the device registry")
     sub = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
 
-    listing = _command(sub, "list", "list devices, optionally matching a selector")
+    listing = add_api_command(sub, "list", "list devices, optionally matching a selector")
     listing.add_argument("--filter", default="", metavar="SELECTOR", help="e.g. kind=lamp")
     listing.add_argument("--page-size", type=int, default=0, metavar="N", help="devices a page")
     listing.add_argument("--page-token", default="", metavar="TOKEN", help="continue a listing")
     listing.add_argument("--all", action="store_true", help="fetch every page")
     listing.set_defaults(func=_list)
 
-    get = _command(sub, "get", "show one device")
+    get = add_api_command(sub, "get", "show one device")
     get.add_argument("id", metavar="ID", help="device id or devices/ID")
     get.set_defaults(func=_get)
 
-    create = _command(sub, "create", "register a device")
+    create = add_api_command(sub, "create", "register a device")
     create.add_argument("--kind", required=True, choices=sorted(KINDS))
     create.add_argument("--model", required=True, help="a device profile's model")
     create.add_argument("--serial", required=True, help="the manufacturer's serial number")

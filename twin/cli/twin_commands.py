@@ -13,7 +13,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import twins_pb2 as t
-from twin.cli.api_client import ApiClient, add_connection_arguments, api_command, device_name
+from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name
 from twin.cli.device_commands import format_labels
 from twin.cli.output import (
     compact_json,
@@ -177,23 +177,16 @@ def _positive(text: str) -> int:
     return value
 
 
-def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-    parser.add_argument("--json", action="store_true", help="print JSON")
-    add_connection_arguments(parser)
-    return parser
-
-
 def register(commands: Any) -> None:
     """Add `twin get|set-desired|watch`."""
     twin = commands.add_parser("twin", help="device twins and their change feed")
     sub = twin.add_subparsers(dest="twin_command", required=True, metavar="ACTION")
 
-    get = _command(sub, "get", "show a device's twin: version, desired, reported, delta")
+    get = add_api_command(sub, "get", "show a device's twin: version, desired, reported, delta")
     get.add_argument("id", metavar="ID", help="device id or devices/ID")
     get.set_defaults(func=_get)
 
-    set_desired = _command(
+    set_desired = add_api_command(
         sub, "set-desired", "merge-patch the desired state of one device or of a selector"
     )
     set_desired.add_argument("id", metavar="ID", nargs="?", help="device id or devices/ID")
@@ -211,7 +204,7 @@ def register(commands: Any) -> None:
     )
     set_desired.set_defaults(func=_set_desired)
 
-    watch = _command(sub, "watch", "stream twin and device changes (Ctrl-C stops)")
+    watch = add_api_command(sub, "watch", "stream twin and device changes (Ctrl-C stops)")
     watch.add_argument("--filter", default="", metavar="SELECTOR", help="device attributes only")
     watch.add_argument(
         "--after",
