@@ -235,19 +235,28 @@ async def get_device(device_id: str, principal: Principal) -> DeviceView:
     return view_of(await _load(device_id, principal))
 
 
+async def page_of_devices(
+    selector: Selector, filter_text: str, requested_size: int, token: str, principal: Principal
+) -> tuple[list[tuple[DeviceView, Twin | None]], str]:
+    """A page of (device, twin if loaded) matching selector within the caller's scope, and
+    the token of the next page ("" on the last)."""
+    size = page_size(requested_size)
+    after = decode_page_token(token, filter_text)
+    scope = selector.combine(principal.scope)
+    found = [pair async for pair in scan_devices(scope, after, limit=size + 1)]
+    page = found[:size]
+    next_token = encode_page_token(page[-1][0].id, filter_text) if len(found) > size else ""
+    return page, next_token
+
+
 async def list_devices(
     selector: Selector, filter_text: str, requested_size: int, token: str, principal: Principal
 ) -> tuple[list[DeviceView], str]:
     """A page of devices matching selector (within the caller's scope), and the next token."""
-    size = page_size(requested_size)
-    after = decode_page_token(token, filter_text)
-    found = [
-        view
-        async for view, _ in scan_devices(selector.combine(principal.scope), after, limit=size + 1)
-    ]
-    page = found[:size]
-    next_token = encode_page_token(page[-1].id, filter_text) if len(found) > size else ""
-    return page, next_token
+    page, next_token = await page_of_devices(
+        selector, filter_text, requested_size, token, principal
+    )
+    return [view for view, _ in page], next_token
 
 
 async def scan_devices(

@@ -31,10 +31,9 @@ from twin.errors import (
 from twin.merge_patch import Document, apply_merge_patch, effective_patch
 from twin.metadata import format_timestamp, update_metadata
 from twin.models import Device, Twin
-from twin.page_tokens import decode_page_token, encode_page_token, page_size
 from twin.profile_store import get_profile
 from twin.profiles import validate_patch
-from twin.registry import DeviceView, LifecycleState, scan_devices, view_of
+from twin.registry import DeviceView, LifecycleState, page_of_devices, scan_devices, view_of
 from twin.selectors import Selector
 
 DocumentName = Literal["desired", "reported"]
@@ -211,15 +210,10 @@ async def query_twins(
     selector: Selector, filter_text: str, requested_size: int, token: str, principal: Principal
 ) -> tuple[list[TwinView], str]:
     """A page of twins whose devices match selector (within scope), and the next token."""
-    size = page_size(requested_size)
-    after = decode_page_token(token, filter_text)
-    found: list[tuple[DeviceView, Twin | None]] = [
-        pair
-        async for pair in scan_devices(selector.combine(principal.scope), after, limit=size + 1)
-    ]
-    page = found[:size]
+    page, next_token = await page_of_devices(
+        selector, filter_text, requested_size, token, principal
+    )
+    # The scan loads twins only when the selector tests twin values; fetch the rest at once.
     ids = [view.id for view, twin in page if twin is None]
     loaded = {t.device_id: t for t in await Twin.filter(device_id__in=ids)} if ids else {}
-    twins = [view_of_twin(twin or loaded[view.id]) for view, twin in page]
-    next_token = encode_page_token(page[-1][0].id, filter_text) if len(found) > size else ""
-    return twins, next_token
+    return [view_of_twin(twin or loaded[view.id]) for view, twin in page], next_token
