@@ -1,1 +1,5 @@
-"""Provisioning: certificate authority, installer enrollments and EST-coaps (not built yet)."""
+"""Provisioning: the fleet certificate authority and the rules for device CSRs.
+
+Built so far: the pure certificate logic (`certificate_authority`, `csr_policy`). Still to
+come (issue 3): CA storage shared by replicas, installer enrollments, EST-coaps resources.
+"""
