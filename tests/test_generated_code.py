@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DIR = ROOT / "proto" / "citytwin" / "v1"
+APPS = ("twin", "provisioning")  # packages with tortoise models and migrations
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
@@ -31,7 +32,10 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
 def test_migrations_match_models(tmp_path: Path) -> None:
     # makemigrations writes into the package it finds, so run it on a copy of the tree.
     copy = tmp_path / "tree"
-    shutil.copytree(ROOT / "twin", copy / "twin", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in APPS:
+        shutil.copytree(
+            ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     result = subprocess.run(
         [
             sys.executable,
@@ -40,7 +44,6 @@ def test_migrations_match_models(tmp_path: Path) -> None:
             "-c",
             "twin.database.MIGRATIONS_CONFIG",
             "makemigrations",
-            "twin",
         ],
         cwd=copy,
         env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"},
@@ -48,8 +51,10 @@ def test_migrations_match_models(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    created = sorted(p.name for p in (copy / "twin" / "migrations").glob("0*.py"))
-    committed = sorted(p.name for p in (ROOT / "twin" / "migrations").glob("0*.py"))
+    created = sorted(str(p.relative_to(copy)) for p in copy.glob("*/migrations/0*.py"))
+    committed = sorted(
+        f"{a}/migrations/{p.name}" for a in APPS for p in (ROOT / a / "migrations").glob("0*.py")
+    )
     assert created == committed, (
         "models changed without a migration: run `make migrations` and commit the result\n"
         + result.stdout

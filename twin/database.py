@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 # Apps with their models and migrations packages; packages add theirs here as they grow.
 APPS: dict[str, dict[str, Any]] = {
     "twin": {"models": ["twin.models"], "migrations": "twin.migrations"},
+    "provisioning": {"models": ["provisioning.models"], "migrations": "provisioning.migrations"},
 }
 
 # Held (per session) while migrating, so that replicas starting together migrate once.

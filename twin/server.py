@@ -23,6 +23,7 @@ from citytwin.v1 import (
     twins_pb2,
     twins_pb2_grpc,
 )
+from provisioning.ca_store import ca_passphrase, ensure_ca
 from twin import change_feed
 from twin.change_feed import FeedNotifier
 from twin.database import close_database, open_database
@@ -96,34 +97,34 @@ async def _trim_feed_forever(retention: timedelta) -> None:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the service until SIGINT or SIGTERM."""
+    """Run the service until SIGINT or SIGTERM. Whatever has started is stopped again, in
+    reverse order, also when start-up fails half-way (so the process can exit)."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    await open_database(settings.db_url)
-    retention = timedelta(seconds=settings.feed_retention_seconds)
-    await change_feed.trim(retention)
-    notifier = FeedNotifier()
-    await notifier.start()
-    grpc_server = build_grpc_server(settings, notifier)
-    await grpc_server.start()
-    coap = await aiocoap.Context.create_server_context(
-        build_coap_site(), bind=(settings.coap_host, settings.coap_port)
-    )
-    trimmer = asyncio.create_task(_trim_feed_forever(retention))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    log.info(
-        "citytwin serving",
-        extra={"grpc": settings.grpc_address, "coap_udp": settings.coap_port},
-    )
-    try:
+    async with contextlib.AsyncExitStack() as running:
+        await open_database(settings.db_url)
+        running.push_async_callback(close_database)
+        ca = await ensure_ca(ca_passphrase(settings.home, settings.ca_passphrase))
+        log.info("fleet CA ready", extra={"issuing_ca": ca.issuing_cert.subject.rfc4514_string()})
+        retention = timedelta(seconds=settings.feed_retention_seconds)
+        await change_feed.trim(retention)
+        notifier = FeedNotifier()
+        await notifier.start()
+        running.push_async_callback(notifier.stop)
+        grpc_server = build_grpc_server(settings, notifier)
+        await grpc_server.start()
+        running.push_async_callback(grpc_server.stop, 2.0)
+        coap = await aiocoap.Context.create_server_context(
+            build_coap_site(), bind=(settings.coap_host, settings.coap_port)
+        )
+        running.push_async_callback(coap.shutdown)
+        trimmer = asyncio.create_task(_trim_feed_forever(retention))
+        running.callback(trimmer.cancel)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "citytwin serving",
+            extra={"grpc": settings.grpc_address, "coap_udp": settings.coap_port},
+        )
         await stop.wait()
-    finally:
-        trimmer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await trimmer
-        await grpc_server.stop(grace=2.0)
-        await coap.shutdown()
-        await notifier.stop()
-        await close_database()

@@ -7,7 +7,7 @@ Every setting has a default that gives the embedded single-node service: SQLite 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -24,6 +24,8 @@ class Settings:
     tls_key: Path | None
     feed_retention_seconds: int
     log_level: str
+    # Protects the fleet CA's private keys; None means the key file under `home`.
+    ca_passphrase: str | None = field(default=None, repr=False)
 
     @property
     def is_postgres(self) -> bool:
@@ -56,4 +58,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         tls_key=key,
         feed_retention_seconds=int(env.get("CITYTWIN_FEED_RETENTION", str(7 * 24 * 3600))),
         log_level=env.get("CITYTWIN_LOG_LEVEL", "WARNING"),
+        ca_passphrase=env.get("CITYTWIN_CA_PASSPHRASE") or None,
     )

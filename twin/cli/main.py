@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twin.cli import api_commands, token_commands
+from twin.cli import api_commands, ca_commands, token_commands
 from twin.errors import CitytwinError
 from twin.logs import configure_logging
 from twin.settings import load_settings
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the service (configured by CITYTWIN_* env)")
     serve.set_defaults(func=_serve)
     token_commands.register(commands)
+    ca_commands.register(commands)
     api_commands.register(commands)
     return parser
 

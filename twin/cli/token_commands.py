@@ -4,37 +4,23 @@ token cannot be asked of an API that needs a token)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twin import tokens
 from twin.access import Role, parse_role
-from twin.database import close_database, open_database
-from twin.settings import load_settings
-
-
-def _with_database(work: Callable[[], Awaitable[Any]]) -> Any:
-    async def run() -> Any:
-        await open_database(load_settings().db_url)
-        try:
-            return await work()
-        finally:
-            await close_database()
-
-    return asyncio.run(run())
+from twin.cli.local_database import with_database
 
 
 def _create(args: argparse.Namespace) -> int:
     role = parse_role(args.role)
-    token = _with_database(lambda: tokens.create_token(role, args.scope, args.description))
+    token = with_database(lambda: tokens.create_token(role, args.scope, args.description))
     print(token)
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = _with_database(tokens.list_tokens)
+    rows = with_database(tokens.list_tokens)
     records = [
         {
             "id": r.id,
@@ -56,7 +42,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    if not _with_database(lambda: tokens.revoke_token(args.id)):
+    if not with_database(lambda: tokens.revoke_token(args.id)):
         print(f"citytwin: no live token with id {args.id}")
         return 1
     return 0
