@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.exceptions import IntegrityError
 from tortoise.transactions import in_transaction
 
@@ -160,8 +161,15 @@ def check_location(location: Location) -> None:
         raise InvalidArgument("location.site_id is longer than 128 characters")
 
 
-async def _load(device_id: str, principal: Principal) -> Device:
-    row = await Device.get_or_none(id=device_id)
+async def _load(
+    device_id: str, principal: Principal, lock_in: BaseDBAsyncClient | None = None
+) -> Device:
+    """The device row, if it exists and lies within the caller's scope; locked for update
+    when read inside the transaction `lock_in`."""
+    query = Device.filter(id=device_id)
+    if lock_in is not None:
+        query = query.using_db(lock_in).select_for_update()
+    row = await query.first()
     if row is None:
         raise NotFound(f"device {device_id!r} does not exist")
     principal.require_device(view_of(row).subject)
@@ -317,10 +325,7 @@ async def update_device(
     if location is not None:
         check_location(location)
     async with in_transaction() as conn:
-        row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
-        if row is None:
-            raise NotFound(f"device {device_id!r} does not exist")
-        principal.require_device(view_of(row).subject)
+        row = await _load(device_id, principal, lock_in=conn)
         if row.state == LifecycleState.DECOMMISSIONED:
             raise FailedPrecondition(f"device {device_id!r} is decommissioned")
         if labels is not None:
@@ -345,10 +350,7 @@ async def decommission_device(
 ) -> DeviceView:
     """Move a device to DECOMMISSIONED (idempotent)."""
     async with in_transaction() as conn:
-        row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
-        if row is None:
-            raise NotFound(f"device {device_id!r} does not exist")
-        principal.require_device(view_of(row).subject)
+        row = await _load(device_id, principal, lock_in=conn)
         if row.state == LifecycleState.DECOMMISSIONED:
             return view_of(row)
         row.state = LifecycleState.DECOMMISSIONED.value

@@ -23,17 +23,22 @@ from twin.delta import compute_delta
 from twin.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PayloadTooLarge,
     ProfileViolation,
     VersionConflict,
 )
 from twin.merge_patch import Document, apply_merge_patch, effective_patch
 from twin.metadata import format_timestamp, update_metadata
-from twin.models import Device, Twin
+from twin.models import Twin
 from twin.profile_store import get_profile
 from twin.profiles import validate_patch
-from twin.registry import DeviceView, LifecycleState, page_of_devices, scan_devices, view_of
+from twin.registry import (
+    DeviceView,
+    LifecycleState,
+    get_device,
+    page_of_devices,
+    scan_devices,
+)
 from twin.selectors import Selector
 
 DocumentName = Literal["desired", "reported"]
@@ -71,18 +76,9 @@ def view_of_twin(row: Twin) -> TwinView:
     )
 
 
-async def _device(device_id: str, principal: Principal) -> DeviceView:
-    row = await Device.get_or_none(id=device_id)
-    if row is None:
-        raise NotFound(f"device {device_id!r} does not exist")
-    view = view_of(row)
-    principal.require_device(view.subject)
-    return view
-
-
 async def get_twin(device_id: str, principal: Principal) -> TwinView:
     """The twin of one device within the caller's scope."""
-    await _device(device_id, principal)
+    await get_device(device_id, principal)
     return view_of_twin(await Twin.get(device_id=device_id))
 
 
@@ -124,7 +120,7 @@ async def update_document(
     notifier: FeedNotifier,
 ) -> TwinView:
     """Apply a merge patch to one device's desired or reported document."""
-    device = await _device(device_id, principal)
+    device = await get_device(device_id, principal)
     if device.state == LifecycleState.DECOMMISSIONED:
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
     validate_patch(await get_profile(device.model), patch, document=which)
