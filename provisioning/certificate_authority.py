@@ -11,6 +11,7 @@ identity or for CA powers.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -307,6 +308,11 @@ def device_id_of(cert: x509.Certificate) -> str | None:
     if len(ids) != 1 or not ids[0]:
         return None
     return ids[0]
+
+
+def der_fingerprint(der: bytes) -> str:
+    """SHA-256 of DER bytes (a certificate), lower-case hex."""
+    return hashlib.sha256(der).hexdigest()
 
 
 def certs_only_pkcs7(certs: list[x509.Certificate]) -> bytes:

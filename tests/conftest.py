@@ -25,7 +25,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from citytwin.v1 import devices_pb2_grpc, profiles_pb2_grpc, twins_pb2_grpc
+from citytwin.v1 import (
+    devices_pb2_grpc,
+    profiles_pb2_grpc,
+    provisioning_pb2_grpc,
+    twins_pb2_grpc,
+)
 
 PG_DSN = os.environ.get("CITYTWIN_TEST_PG", "")
 BACKENDS = ["sqlite", "postgres"] if PG_DSN else ["sqlite"]
@@ -97,6 +102,8 @@ class Server:
     extra_env: dict[str, str] = field(default_factory=dict)
     tls_root: bytes | None = None
     grpc_port: int = 0
+    coap_port: int = 0
+    coaps_port: int = 0
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -105,13 +112,16 @@ class Server:
 
     def start(self) -> Server:
         self.grpc_port = free_port()
+        self.coap_port = free_port(socket.SOCK_DGRAM)
+        self.coaps_port = free_port()
         env = {
             **os.environ,
             "CITYTWIN_DB": self.db.url,
             "CITYTWIN_HOME": str(self.db.home),
             "CITYTWIN_GRPC_ADDRESS": self.address,
             "CITYTWIN_COAP_HOST": "127.0.0.1",
-            "CITYTWIN_COAP_PORT": str(free_port(socket.SOCK_DGRAM)),
+            "CITYTWIN_COAP_PORT": str(self.coap_port),
+            "CITYTWIN_COAPS_PORT": str(self.coaps_port),
             **self.extra_env,
         }
         log = open(self.db.home / f"server-{self.grpc_port}.log", "wb")  # noqa: SIM115
@@ -168,6 +178,7 @@ class Api:
         self.devices = devices_pb2_grpc.DeviceServiceStub(channel)
         self.twins = twins_pb2_grpc.TwinServiceStub(channel)
         self.profiles = profiles_pb2_grpc.ProfileServiceStub(channel)
+        self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
         self.metadata: list[tuple[str, str]] = (
             [("authorization", f"Bearer {token}")] if token else []
         )

@@ -36,6 +36,16 @@ class Permission(StrEnum):
     FEED_WATCH = "feed.watch"
     PROFILES_READ = "profiles.read"
     PROFILES_WRITE = "profiles.write"
+    ENROLLMENTS_READ = "enrollments.read"
+    ENROLLMENTS_CREATE = "enrollments.create"
+    ENROLLMENTS_CANCEL = "enrollments.cancel"
+    GROUPS_READ = "enrollment-groups.read"
+    GROUPS_WRITE = "enrollment-groups.write"
+    CERTIFICATES_READ = "certificates.read"
+    CERTIFICATES_REVOKE = "certificates.revoke"
+    POLICY_READ = "provisioning-policy.read"
+    POLICY_WRITE = "provisioning-policy.write"
+    AUDIT_READ = "audit.read"
 
 
 _READ = frozenset(
@@ -44,6 +54,11 @@ _READ = frozenset(
         Permission.TWINS_READ,
         Permission.FEED_WATCH,
         Permission.PROFILES_READ,
+        Permission.ENROLLMENTS_READ,
+        Permission.GROUPS_READ,
+        Permission.CERTIFICATES_READ,
+        Permission.POLICY_READ,
+        Permission.AUDIT_READ,
     }
 )
 
@@ -51,8 +66,15 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
     # Other city services: read everything, steer devices, bridge reports from gateways.
     Role.SERVICE: _READ | {Permission.DESIRED_WRITE, Permission.REPORTED_WRITE},
-    # On site: register devices and fix their labels and location, never steer them.
-    Role.INSTALLER: _READ | {Permission.DEVICES_CREATE, Permission.DEVICES_UPDATE},
+    # On site: register and enroll devices and fix their labels and location, never steer
+    # them; revoking identities and trusting manufacturers stay with admins.
+    Role.INSTALLER: _READ
+    | {
+        Permission.DEVICES_CREATE,
+        Permission.DEVICES_UPDATE,
+        Permission.ENROLLMENTS_CREATE,
+        Permission.ENROLLMENTS_CANCEL,
+    },
     # Firmware rollouts read the fleet; campaign permissions arrive with firmware_ota.
     Role.RELEASE_ENGINEER: _READ,
     Role.VIEWER: _READ,

@@ -36,6 +36,14 @@ class PayloadTooLarge(InvalidArgument):
     """A payload exceeds its size or depth bound."""
 
 
+class UnsupportedContentFormat(InvalidArgument):
+    """A request body comes in a content-format the resource does not take."""
+
+
+class NotAcceptable(InvalidArgument):
+    """The caller asks for a representation (CoAP Accept) the resource does not offer."""
+
+
 class NotFound(CitytwinError):
     """The named resource does not exist (or the caller may not know it does)."""
 
@@ -64,8 +72,21 @@ class PermissionDenied(CitytwinError):
     """The caller is known but may not do this, or not to this device."""
 
 
-class ResourceExhausted(CitytwinError):
-    """A rate or capacity limit is reached; retry later."""
+class RetryLater(CitytwinError):
+    """Base of errors that tell the caller when to try again (CoAP Max-Age)."""
+
+    def __init__(self, message: str, retry_after_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
+class ResourceExhausted(RetryLater):
+    """A rate or capacity limit is reached; retry after `retry_after_seconds`."""
+
+
+class AwaitingApproval(RetryLater):
+    """The request is valid but waits for something an operator does (e.g. registering the
+    device); retry after `retry_after_seconds`."""
 
 
 class Unavailable(CitytwinError):
@@ -76,6 +97,11 @@ class Unavailable(CitytwinError):
 _TABLE: dict[type[CitytwinError], tuple[grpc.StatusCode, Code]] = {
     PayloadTooLarge: (grpc.StatusCode.INVALID_ARGUMENT, Code.REQUEST_ENTITY_TOO_LARGE),
     ProfileViolation: (grpc.StatusCode.INVALID_ARGUMENT, Code.UNPROCESSABLE_ENTITY),
+    UnsupportedContentFormat: (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        Code.UNSUPPORTED_CONTENT_FORMAT,
+    ),
+    NotAcceptable: (grpc.StatusCode.INVALID_ARGUMENT, Code.NOT_ACCEPTABLE),
     InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, Code.BAD_REQUEST),
     NotFound: (grpc.StatusCode.NOT_FOUND, Code.NOT_FOUND),
     AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, Code.CONFLICT),
@@ -85,6 +111,7 @@ _TABLE: dict[type[CitytwinError], tuple[grpc.StatusCode, Code]] = {
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, Code.UNAUTHORIZED),
     PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, Code.FORBIDDEN),
     ResourceExhausted: (grpc.StatusCode.RESOURCE_EXHAUSTED, Code.TOO_MANY_REQUESTS),
+    AwaitingApproval: (grpc.StatusCode.UNAVAILABLE, Code.SERVICE_UNAVAILABLE),
     Unavailable: (grpc.StatusCode.UNAVAILABLE, Code.SERVICE_UNAVAILABLE),
     CitytwinError: (grpc.StatusCode.INTERNAL, Code.INTERNAL_SERVER_ERROR),
 }

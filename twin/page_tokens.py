@@ -45,3 +45,13 @@ def decode_page_token(token: str, filter_text: str) -> str:
     if not isinstance(after, str) or fingerprint != _fingerprint(filter_text):
         raise InvalidArgument("page_token does not belong to this filter")
     return after
+
+
+def decode_numeric_page_token(token: str, filter_text: str) -> int | None:
+    """Like `decode_page_token` for lists keyed on a numeric id (None for the first page)."""
+    after = decode_page_token(token, filter_text)
+    if not after:
+        return None
+    if not after.isdigit():
+        raise InvalidArgument("page_token is malformed")
+    return int(after)

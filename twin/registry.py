@@ -176,10 +176,9 @@ async def _load(
     return row
 
 
-async def create_device(
-    device: DeviceView, principal: Principal, notifier: FeedNotifier
-) -> DeviceView:
-    """Register a device (and its empty twin); its id is generated if empty."""
+async def new_device(device: DeviceView, principal: Principal) -> DeviceView:
+    """Check a device to be registered (its id generated if empty) and return it as it will
+    be stored, REGISTERED; nothing is written."""
     device_id = device.id or "d-" + secrets.token_hex(6)
     if not DEVICE_ID.fullmatch(device_id):
         raise InvalidArgument(
@@ -210,10 +209,17 @@ async def create_device(
         last_seen_at=None,
     )
     principal.require_device(view.subject)
+    return view
+
+
+async def insert_device(conn: BaseDBAsyncClient, view: DeviceView) -> None:
+    """Store a device checked by `new_device`, its empty twin and its feed entry, inside the
+    caller's transaction; AlreadyExists if the id or serial number is taken."""
     try:
-        async with in_transaction() as conn:
+        # A savepoint, so that a duplicate leaves the caller's transaction usable on PostgreSQL.
+        async with in_transaction(conn.connection_name) as inner:
             await Device.create(
-                using_db=conn,
+                using_db=inner,
                 id=view.id,
                 kind=view.kind,
                 model=view.model,
@@ -223,18 +229,47 @@ async def create_device(
                 longitude=view.location.longitude,
                 site_id=view.location.site_id,
                 state=view.state,
-                created_at=now,
-                updated_at=now,
-            )
-            await Twin.create(using_db=conn, device_id=view.id)
-            await change_feed.append(
-                conn, [NewEntry(view.subject, ChangeType.DEVICE_CREATED, device=view.to_json())]
+                created_at=view.created_at,
+                updated_at=view.updated_at,
             )
     except IntegrityError:
-        taken = await Device.filter(id=view.id).exists()
+        taken = await Device.filter(id=view.id).using_db(conn).exists()
         what = f"id {view.id!r}" if taken else f"serial number {view.serial_number!r}"
         raise AlreadyExists(f"a device with {what} exists already") from None
+    await Twin.create(using_db=conn, device_id=view.id)
+    await change_feed.append(
+        conn, [NewEntry(view.subject, ChangeType.DEVICE_CREATED, device=view.to_json())]
+    )
+
+
+async def create_device(
+    device: DeviceView, principal: Principal, notifier: FeedNotifier
+) -> DeviceView:
+    """Register a device (and its empty twin); its id is generated if empty."""
+    view = await new_device(device, principal)
+    async with in_transaction() as conn:
+        await insert_device(conn, view)
     notifier.wake()
+    return view
+
+
+async def set_lifecycle_state(
+    conn: BaseDBAsyncClient, device_id: str, state: LifecycleState
+) -> DeviceView:
+    """Move a device to `state` inside the caller's transaction (no scope check: for the
+    service's own flows such as provisioning). A change is recorded in the change feed."""
+    row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
+    if row is None:
+        raise NotFound(f"device {device_id!r} does not exist")
+    if row.state == state:
+        return view_of(row)
+    row.state = state.value
+    row.updated_at = datetime.now(UTC)
+    await row.save(using_db=conn, update_fields=["state", "updated_at"])
+    view = view_of(row)
+    await change_feed.append(
+        conn, [NewEntry(view.subject, ChangeType.DEVICE_UPDATED, device=view.to_json())]
+    )
     return view
 
 

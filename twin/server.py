@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 from datetime import timedelta
 
 import aiocoap
 import aiocoap.resource
 import grpc
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,12 +22,22 @@ from citytwin.v1 import (
     devices_pb2_grpc,
     profiles_pb2,
     profiles_pb2_grpc,
+    provisioning_pb2,
+    provisioning_pb2_grpc,
     twins_pb2,
     twins_pb2_grpc,
 )
 from provisioning.ca_store import ca_passphrase, ensure_ca
+from provisioning.certificate_authority import CertificateAuthority
+from provisioning.enrollment_groups import all_group_ca_pems
+from provisioning.est_enrollment import Enroller
+from provisioning.est_resources import add_est_resources
+from provisioning.grpc_servicer import ProvisioningServicer
+from provisioning.rate_limits import FailureLimiter
+from provisioning.server_identity import ServerIdentity, issue_server_identity
 from twin import change_feed
 from twin.change_feed import FeedNotifier
+from twin.coap_tls import add_client_ca, server_ssl_context, start_tls_server
 from twin.database import close_database, open_database
 from twin.grpc_api.devices import DeviceServicer
 from twin.grpc_api.interceptor import ApiInterceptor
@@ -41,7 +53,9 @@ _SERVICES = (
     devices_pb2.DESCRIPTOR.services_by_name["DeviceService"].full_name,
     twins_pb2.DESCRIPTOR.services_by_name["TwinService"].full_name,
     profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
+    provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
 )
+_TRUST_REFRESH_SECONDS = 10.0
 _TRIM_INTERVAL_SECONDS = 600.0
 
 
@@ -57,6 +71,9 @@ def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Se
     devices_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(notifier), server)
     twins_pb2_grpc.add_TwinServiceServicer_to_server(TwinServicer(notifier), server)
     profiles_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(), server)
+    provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
+        ProvisioningServicer(notifier), server
+    )
     # health.aio is the public async servicer; the package re-exports it without typing it.
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -75,14 +92,60 @@ def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Se
     return server
 
 
-def build_coap_site() -> aiocoap.resource.Site:
-    """The device-facing CoAP site. For now only discovery; provisioning and the device
-    twin API add their resources here."""
+def build_coap_site(enroller: Enroller, settings: Settings) -> aiocoap.resource.Site:
+    """The device-facing CoAP site: discovery and EST-coaps provisioning."""
     site = aiocoap.resource.Site()
     site.add_resource(
-        [".well-known", "core"], aiocoap.resource.WKCResource(site.get_resources_as_linkheader)
+        [".well-known", "core"],
+        aiocoap.resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
+    add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
     return site
+
+
+async def _server_identity(settings: Settings, ca: CertificateAuthority) -> ServerIdentity:
+    if settings.coaps_cert and settings.coaps_key:
+        return ServerIdentity(settings.coaps_cert.read_bytes(), settings.coaps_key.read_bytes())
+    return issue_server_identity(ca, settings.coaps_names)
+
+
+async def start_coap(
+    settings: Settings, site: aiocoap.resource.Site, ca: CertificateAuthority
+) -> tuple[aiocoap.Context, ssl.SSLContext]:
+    """CoAP on UDP (discovery, CA certificates) and CoAP over TLS (everything a device does),
+    sharing one site."""
+    coap = await aiocoap.Context.create_server_context(
+        site, bind=(settings.coap_host, settings.coap_port), transports=["udp6"]
+    )
+    identity = await _server_identity(settings, ca)
+    fleet = [c.public_bytes(serialization.Encoding.PEM) for c in (ca.issuing_cert, ca.root_cert)]
+    tls = server_ssl_context(
+        identity.chain_pem, identity.key_pem, fleet + await all_group_ca_pems()
+    )
+    await start_tls_server(
+        coap,
+        settings.coap_host,
+        settings.coaps_port,
+        tls,
+        max_connections=settings.coaps_max_connections,
+        idle_timeout=settings.coaps_idle_seconds,
+    )
+    return coap, tls
+
+
+async def _trust_new_groups_forever(tls: ssl.SSLContext) -> None:
+    """Enrollment groups created on any replica become trusted client CAs here too (removed
+    ones stay in the TLS trust store until restart, but are refused by the enroller)."""
+    known = set(await all_group_ca_pems())
+    while True:
+        await asyncio.sleep(_TRUST_REFRESH_SECONDS)
+        try:
+            for pem in await all_group_ca_pems():
+                if pem not in known:
+                    add_client_ca(tls, pem)
+                    known.add(pem)
+        except Exception:
+            log.exception("refreshing the trusted enrollment-group CAs failed")
 
 
 async def _trim_feed_forever(retention: timedelta) -> None:
@@ -94,6 +157,13 @@ async def _trim_feed_forever(retention: timedelta) -> None:
                 log.info("trimmed change feed", extra={"deleted": deleted})
         except Exception:
             log.exception("trimming the change feed failed")
+
+
+def _failure_limiter(settings: Settings) -> FailureLimiter:
+    return FailureLimiter(
+        max_failures=settings.enroll_max_failures,
+        window_seconds=settings.enroll_failure_window_seconds,
+    )
 
 
 async def serve(settings: Settings) -> None:
@@ -113,18 +183,27 @@ async def serve(settings: Settings) -> None:
         grpc_server = build_grpc_server(settings, notifier)
         await grpc_server.start()
         running.push_async_callback(grpc_server.stop, 2.0)
-        coap = await aiocoap.Context.create_server_context(
-            build_coap_site(), bind=(settings.coap_host, settings.coap_port)
+        enroller = Enroller(
+            ca,
+            notifier,
+            by_source=_failure_limiter(settings),
+            by_serial=_failure_limiter(settings),
         )
+        coap, tls = await start_coap(settings, build_coap_site(enroller, settings), ca)
         running.push_async_callback(coap.shutdown)
-        trimmer = asyncio.create_task(_trim_feed_forever(retention))
-        running.callback(trimmer.cancel)
+        for loop_forever in (_trim_feed_forever(retention), _trust_new_groups_forever(tls)):
+            task = asyncio.create_task(loop_forever)
+            running.callback(task.cancel)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info(
             "citytwin serving",
-            extra={"grpc": settings.grpc_address, "coap_udp": settings.coap_port},
+            extra={
+                "grpc": settings.grpc_address,
+                "coap_udp": settings.coap_port,
+                "coaps_tcp": settings.coaps_port,
+            },
         )
         await stop.wait()

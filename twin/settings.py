@@ -1,7 +1,8 @@
 """Service configuration, read once from the environment.
 
 Every setting has a default that gives the embedded single-node service: SQLite under
-`./var` (or `$CITYTWIN_HOME`), gRPC on 127.0.0.1:50051, CoAP on UDP 5683.
+`./var` (or `$CITYTWIN_HOME`), gRPC on 127.0.0.1:50051, CoAP on UDP 5683 and
+CoAP over TLS on TCP 5684.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ class Settings:
     log_level: str
     # Protects the fleet CA's private keys; None means the key file under `home`.
     ca_passphrase: str | None = field(default=None, repr=False)
+    # CoAP over TLS (RFC 8323) for devices. Without a certificate of the operator's, the
+    # service issues itself one from the fleet CA at every start, for `coaps_names`.
+    coaps_port: int = 5684
+    coaps_cert: Path | None = None
+    coaps_key: Path | None = None
+    coaps_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    coaps_max_connections: int = 10_000
+    coaps_idle_seconds: float = 300.0
+    # Plain-CoAP enrollment, for closed on-site networks only.
+    allow_coap_enrollment: bool = False
+    # Failed enrollment attempts allowed per source address and per serial number per window.
+    enroll_max_failures: int = 5
+    enroll_failure_window_seconds: float = 300.0
 
     @property
     def is_postgres(self) -> bool:
@@ -37,17 +51,34 @@ def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
+def _number(env: dict[str, str], name: str, default: float) -> float:
+    text = env.get(name)
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, not {text!r}") from None
+    if value < 0:
+        raise SystemExit(f"{name} must not be negative")
+    return value
+
+
+def _pair(env: dict[str, str], cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
+    cert, key = _optional_path(env.get(cert_name)), _optional_path(env.get(key_name))
+    if (cert is None) != (key is None):
+        raise SystemExit(f"{cert_name} and {key_name} must be set together")
+    return cert, key
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: the process environment)."""
     env = dict(os.environ if env is None else env)
     home = Path(env.get("CITYTWIN_HOME", "var")).resolve()
     db_url = env.get("CITYTWIN_DB") or f"sqlite://{home / 'citytwin.sqlite3'}"
-    cert, key = (
-        _optional_path(env.get("CITYTWIN_TLS_CERT")),
-        _optional_path(env.get("CITYTWIN_TLS_KEY")),
-    )
-    if (cert is None) != (key is None):
-        raise SystemExit("CITYTWIN_TLS_CERT and CITYTWIN_TLS_KEY must be set together")
+    cert, key = _pair(env, "CITYTWIN_TLS_CERT", "CITYTWIN_TLS_KEY")
+    coaps_cert, coaps_key = _pair(env, "CITYTWIN_COAPS_CERT", "CITYTWIN_COAPS_KEY")
+    names = tuple(n.strip() for n in env.get("CITYTWIN_COAPS_NAMES", "").split(",") if n.strip())
     return Settings(
         home=home,
         db_url=db_url,
@@ -59,4 +90,13 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         feed_retention_seconds=int(env.get("CITYTWIN_FEED_RETENTION", str(7 * 24 * 3600))),
         log_level=env.get("CITYTWIN_LOG_LEVEL", "WARNING"),
         ca_passphrase=env.get("CITYTWIN_CA_PASSPHRASE") or None,
+        coaps_port=int(_number(env, "CITYTWIN_COAPS_PORT", 5684)),
+        coaps_cert=coaps_cert,
+        coaps_key=coaps_key,
+        coaps_names=names or Settings.coaps_names,
+        coaps_max_connections=int(_number(env, "CITYTWIN_COAPS_MAX_CONNECTIONS", 10_000)),
+        coaps_idle_seconds=_number(env, "CITYTWIN_COAPS_IDLE_TIMEOUT", 300.0),
+        allow_coap_enrollment=env.get("CITYTWIN_ALLOW_COAP_ENROLLMENT", "") in ("1", "true", "yes"),
+        enroll_max_failures=int(_number(env, "CITYTWIN_ENROLL_MAX_FAILURES", 5)),
+        enroll_failure_window_seconds=_number(env, "CITYTWIN_ENROLL_FAILURE_WINDOW", 300.0),
     )

@@ -13,18 +13,15 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import asyncpg
 import grpc
-from tortoise.exceptions import DBConnectionError
 
 from twin.access import Permission, Principal
 from twin.errors import (
-    CitytwinError,
     PermissionDenied,
     Unauthenticated,
-    Unavailable,
     grpc_status,
 )
+from twin.failures import as_service_error
 from twin.tokens import authenticate
 
 log = logging.getLogger(__name__)
@@ -46,16 +43,21 @@ METHOD_PERMISSIONS: dict[str, Permission] = {
     "/citytwin.v1.ProfileService/GetProfile": Permission.PROFILES_READ,
     "/citytwin.v1.ProfileService/ListProfiles": Permission.PROFILES_READ,
     "/citytwin.v1.ProfileService/CreateProfile": Permission.PROFILES_WRITE,
+    "/citytwin.v1.ProvisioningService/CreateEnrollment": Permission.ENROLLMENTS_CREATE,
+    "/citytwin.v1.ProvisioningService/GetEnrollment": Permission.ENROLLMENTS_READ,
+    "/citytwin.v1.ProvisioningService/ListEnrollments": Permission.ENROLLMENTS_READ,
+    "/citytwin.v1.ProvisioningService/CancelEnrollment": Permission.ENROLLMENTS_CANCEL,
+    "/citytwin.v1.ProvisioningService/CreateEnrollmentGroup": Permission.GROUPS_WRITE,
+    "/citytwin.v1.ProvisioningService/GetEnrollmentGroup": Permission.GROUPS_READ,
+    "/citytwin.v1.ProvisioningService/ListEnrollmentGroups": Permission.GROUPS_READ,
+    "/citytwin.v1.ProvisioningService/DeleteEnrollmentGroup": Permission.GROUPS_WRITE,
+    "/citytwin.v1.ProvisioningService/ListCertificates": Permission.CERTIFICATES_READ,
+    "/citytwin.v1.ProvisioningService/GetCertificate": Permission.CERTIFICATES_READ,
+    "/citytwin.v1.ProvisioningService/RevokeCertificate": Permission.CERTIFICATES_REVOKE,
+    "/citytwin.v1.ProvisioningService/GetProvisioningPolicy": Permission.POLICY_READ,
+    "/citytwin.v1.ProvisioningService/UpdateProvisioningPolicy": Permission.POLICY_WRITE,
+    "/citytwin.v1.ProvisioningService/ListAuditEvents": Permission.AUDIT_READ,
 }
-
-# Failures of the database connection, not of the request: the caller should retry.
-_INFRASTRUCTURE_ERRORS = (
-    OSError,
-    DBConnectionError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.InvalidCatalogNameError,
-)
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
@@ -86,14 +88,7 @@ async def _authorize(method: str, context: grpc.aio.ServicerContext[Any, Any]) -
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
     """End the call with the status that `exc` means; never leak internals to the caller."""
-    if isinstance(exc, CitytwinError):
-        error = exc
-    elif isinstance(exc, _INFRASTRUCTURE_ERRORS):
-        log.warning("database unavailable", extra={"method": method, "error": repr(exc)})
-        error = Unavailable("the database is unavailable; retry later")
-    else:
-        log.error("unexpected error", extra={"method": method}, exc_info=exc)
-        error = CitytwinError("internal error; the server log has the details")
+    error = as_service_error(exc, method)
     await context.abort(grpc_status(error), str(error))
 
 
