@@ -224,6 +224,14 @@ async def identify_device(der: bytes | None) -> DeviceIdentity:
     return cached[1]
 
 
+async def device_of_certificate(der: bytes | None) -> str:
+    """The device a certificate was issued to, whatever its state ("" if none), for logs."""
+    if der is None:
+        return ""
+    row = await DeviceCertificate.filter(fingerprint=der_fingerprint(der)).first()
+    return row.device_id if row is not None else ""
+
+
 async def _identify(key: str) -> DeviceIdentity:
     row = await DeviceCertificate.filter(fingerprint=key).first()
     if row is None:

@@ -28,7 +28,12 @@ from provisioning import audit_log
 from provisioning.audit_log import Action, Actor
 from provisioning.certificate_authority import CertificateAuthority, issue_device_certificate
 from provisioning.csr_policy import DEFAULT_MAX_CSR_BYTES, CsrFacts, inspect_csr
-from provisioning.device_certificates import identify_device, serial_hex, store_issued
+from provisioning.device_certificates import (
+    device_of_certificate,
+    identify_device,
+    serial_hex,
+    store_issued,
+)
 from provisioning.enrollment_groups import identify_factory_certificate
 from provisioning.enrollments import redeem_code
 from provisioning.policy import renewal_refusal
@@ -85,7 +90,8 @@ class Enroller:
         try:
             identity = await identify_device(peer_der)
         except CitytwinError as refused:
-            await self._failed(Action.RENEW, Actor("anonymous", source), "", "", refused)
+            device_id = await device_of_certificate(peer_der)
+            await self._failed(Action.RENEW, Actor("anonymous", source), device_id, "", refused)
             raise
         actor = Actor(f"device:{identity.device_id}", source)
         return await self._attempt(
@@ -135,6 +141,9 @@ class Enroller:
             self.by_source.record_failure(f"addr:{actor.source}", now)
             if serial:
                 self.by_serial.record_failure(f"serial:{serial}", now)
+        if serial and not device_id:
+            device = await Device.filter(serial_number=serial).first()
+            device_id = device.id if device is not None else ""
         await audit_log.record(
             action,
             actor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from citytwin.v1 import provisioning_pb2, provisioning_pb2_grpc
@@ -126,8 +127,10 @@ def _event(entry: AuditEntry) -> provisioning_pb2.AuditEvent:
 class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
     """Enrollments, enrollment groups, certificates, policy and audit log over gRPC."""
 
-    def __init__(self, notifier: FeedNotifier) -> None:
+    def __init__(self, notifier: FeedNotifier, trust_client_ca: Callable[[bytes], None]) -> None:
         self._notifier = notifier
+        # Other replicas pick a new group's CA up on their next trust refresh.
+        self._trust_client_ca = trust_client_ca
 
     async def CreateEnrollment(
         self, request: provisioning_pb2.CreateEnrollmentRequest, context: Any
@@ -183,6 +186,7 @@ class ProvisioningServicer(provisioning_pb2_grpc.ProvisioningServiceServicer):
         view = await enrollment_groups.create_group(
             request.group_id, group.description, group.ca_certificate_pem, _actor(context)
         )
+        self._trust_client_ca(view.ca_cert_pem.encode())
         return _group(view)
 
     async def GetEnrollmentGroup(

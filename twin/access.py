@@ -21,6 +21,8 @@ class Role(StrEnum):
     INSTALLER = "installer"
     RELEASE_ENGINEER = "release-engineer"
     VIEWER = "viewer"
+    # Not a token role: a device authenticated by its certificate, acting on itself.
+    DEVICE = "device"
 
 
 class Permission(StrEnum):
@@ -78,17 +80,20 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     # Firmware rollouts read the fleet; campaign permissions arrive with firmware_ota.
     Role.RELEASE_ENGINEER: _READ,
     Role.VIEWER: _READ,
+    Role.DEVICE: frozenset({Permission.TWINS_READ, Permission.REPORTED_WRITE}),
 }
 
 
+TOKEN_ROLES = tuple(r for r in Role if r != Role.DEVICE)
+
+
 def parse_role(text: str) -> Role:
-    """The Role named `text`, or InvalidArgument listing the valid ones."""
-    try:
-        return Role(text)
-    except ValueError:
+    """The token Role named `text`, or InvalidArgument listing the valid ones."""
+    if text not in TOKEN_ROLES:
         raise InvalidArgument(
-            f"unknown role {text!r} (expected one of {', '.join(r.value for r in Role)})"
-        ) from None
+            f"unknown role {text!r} (expected one of {', '.join(r.value for r in TOKEN_ROLES)})"
+        )
+    return Role(text)
 
 
 def parse_scope(text: str) -> Selector:
@@ -116,3 +121,9 @@ class Principal:
         """Raise PermissionDenied unless the device lies within the caller's scope."""
         if not matches(self.scope, subject):
             raise PermissionDenied(f"device {subject.id} is outside the token's scope")
+
+
+def device_principal(device_id: str) -> Principal:
+    """A device authenticated by its certificate: it may only read its twin and report, and
+    its scope is itself, so every store call refuses any other device."""
+    return Principal(token_id=0, role=Role.DEVICE, scope=parse_selector(f"id={device_id}"))

@@ -76,7 +76,7 @@ class BoundedBlock1Spool(Block1Spool):  # type: ignore[misc]
             block1.start + len(req.payload) > self.max_bytes
         ):
             raise _TooLarge(self.max_bytes)
-        if block1.block_number == 0 and len(self._assemblies) >= MAX_OPEN_TRANSFERS:
+        if block1.block_number == 0 and len(self._assemblies._items) >= MAX_OPEN_TRANSFERS:
             raise _Busy()
         taken: aiocoap.Message = super().feed_and_take(req)
         return taken
@@ -97,6 +97,8 @@ class BoundedResource(aiocoap.resource.Resource):  # type: ignore[misc]
             return _TooLarge(self.max_body_bytes).to_message()
         try:
             response: aiocoap.Message = await super().render(request)
+        except aiocoap.error.RenderableError:
+            raise  # aiocoap's own answers, such as 4.05 Method Not Allowed
         except Exception as failure:
             path = "/" + "/".join(request.opt.uri_path)
             return error_response(as_service_error(failure, path))

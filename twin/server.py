@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import ssl
+from collections.abc import Callable
 from datetime import timedelta
 
 import aiocoap
@@ -39,6 +40,7 @@ from twin import change_feed
 from twin.change_feed import FeedNotifier
 from twin.coap_tls import add_client_ca, server_ssl_context, start_tls_server
 from twin.database import close_database, open_database
+from twin.device_resources import add_device_resources
 from twin.grpc_api.devices import DeviceServicer
 from twin.grpc_api.interceptor import ApiInterceptor
 from twin.grpc_api.profiles import ProfileServicer
@@ -59,8 +61,11 @@ _TRUST_REFRESH_SECONDS = 10.0
 _TRIM_INTERVAL_SECONDS = 600.0
 
 
-def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Server:
-    """The gRPC server with every service, health and reflection, bound but not started."""
+def build_grpc_server(
+    settings: Settings, notifier: FeedNotifier, trust_client_ca: Callable[[bytes], None]
+) -> grpc.aio.Server:
+    """The gRPC server with every service, health and reflection, bound but not started.
+    `trust_client_ca` makes a new enrollment group's CA trusted by the CoAP TLS server."""
     server = grpc.aio.server(
         interceptors=[ApiInterceptor()],
         options=[
@@ -72,7 +77,7 @@ def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Se
     twins_pb2_grpc.add_TwinServiceServicer_to_server(TwinServicer(notifier), server)
     profiles_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(), server)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
-        ProvisioningServicer(notifier), server
+        ProvisioningServicer(notifier, trust_client_ca), server
     )
     # health.aio is the public async servicer; the package re-exports it without typing it.
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -93,17 +98,18 @@ def build_grpc_server(settings: Settings, notifier: FeedNotifier) -> grpc.aio.Se
 
 
 def build_coap_site(enroller: Enroller, settings: Settings) -> aiocoap.resource.Site:
-    """The device-facing CoAP site: discovery and EST-coaps provisioning."""
+    """The device-facing CoAP site: discovery, EST-coaps provisioning, device twins."""
     site = aiocoap.resource.Site()
     site.add_resource(
         [".well-known", "core"],
         aiocoap.resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
     add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
+    add_device_resources(site)
     return site
 
 
-async def _server_identity(settings: Settings, ca: CertificateAuthority) -> ServerIdentity:
+def _server_identity(settings: Settings, ca: CertificateAuthority) -> ServerIdentity:
     if settings.coaps_cert and settings.coaps_key:
         return ServerIdentity(settings.coaps_cert.read_bytes(), settings.coaps_key.read_bytes())
     return issue_server_identity(ca, settings.coaps_names)
@@ -117,7 +123,7 @@ async def start_coap(
     coap = await aiocoap.Context.create_server_context(
         site, bind=(settings.coap_host, settings.coap_port), transports=["udp6"]
     )
-    identity = await _server_identity(settings, ca)
+    identity = _server_identity(settings, ca)
     fleet = [c.public_bytes(serialization.Encoding.PEM) for c in (ca.issuing_cert, ca.root_cert)]
     tls = server_ssl_context(
         identity.chain_pem, identity.key_pem, fleet + await all_group_ca_pems()
@@ -180,9 +186,6 @@ async def serve(settings: Settings) -> None:
         notifier = FeedNotifier()
         await notifier.start()
         running.push_async_callback(notifier.stop)
-        grpc_server = build_grpc_server(settings, notifier)
-        await grpc_server.start()
-        running.push_async_callback(grpc_server.stop, 2.0)
         enroller = Enroller(
             ca,
             notifier,
@@ -191,6 +194,9 @@ async def serve(settings: Settings) -> None:
         )
         coap, tls = await start_coap(settings, build_coap_site(enroller, settings), ca)
         running.push_async_callback(coap.shutdown)
+        grpc_server = build_grpc_server(settings, notifier, lambda pem: add_client_ca(tls, pem))
+        await grpc_server.start()
+        running.push_async_callback(grpc_server.stop, 2.0)
         for loop_forever in (_trim_feed_forever(retention), _trust_new_groups_forever(tls)):
             task = asyncio.create_task(loop_forever)
             running.callback(task.cancel)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from citytwin.v1 import devices_pb2_grpc, twins_pb2_grpc
+from citytwin.v1 import devices_pb2_grpc, provisioning_pb2_grpc, twins_pb2_grpc
 from twin.errors import InvalidArgument, Unauthenticated
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -75,6 +75,7 @@ class ApiClient:
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.devices = devices_pb2_grpc.DeviceServiceStub(self.channel)
         self.twins = twins_pb2_grpc.TwinServiceStub(self.channel)
+        self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self.channel)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiClient:

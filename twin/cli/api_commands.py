@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twin.cli import device_commands, twin_commands
+from twin.cli import device_commands, provisioning_commands, twin_commands
 
 
 def register(commands: Any) -> None:
-    """Add the API command groups: `devices` and `twin`."""
+    """Add the API command groups: `devices`, `twin` and the provisioning groups (`install`,
+    `enrollments`, `groups`, `certs`, `audit`)."""
     device_commands.register(commands)
     twin_commands.register(commands)
+    provisioning_commands.register(commands)

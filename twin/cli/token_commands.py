@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from twin import tokens
-from twin.access import Role, parse_role
+from twin.access import TOKEN_ROLES, parse_role
 from twin.cli.local_database import with_database
 
 
@@ -53,7 +53,7 @@ def register(commands: Any) -> None:
     token = commands.add_parser("token", help="manage API bearer tokens")
     sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = sub.add_parser("create", help="create a token and print it (shown only once)")
-    create.add_argument("--role", required=True, help=", ".join(r.value for r in Role))
+    create.add_argument("--role", required=True, help=", ".join(r.value for r in TOKEN_ROLES))
     create.add_argument("--scope", default="", help="selector limiting the devices it reaches")
     create.add_argument("--description", default="", help="who or what the token is for")
     create.set_defaults(func=_create)

@@ -1,0 +1,157 @@
+"""Test devices: keys, CSRs and aiocoap clients that speak to the server as a device would,
+over UDP and over TLS (`coaps+tcp`) with or without a client certificate."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import aiocoap
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import AttributeOID, NameOID
+
+from twin.coap_tls import client_ssl_context, device_client_context
+
+PKCS7 = 281
+PKCS10 = 286
+PKIX_CERT = 287
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(
+    key: ec.EllipticCurvePrivateKey,
+    serial: str | None,
+    code: str | None = None,
+    common_name: str = "device",
+) -> bytes:
+    """A DER PKCS#10 request with subject serialNumber and an optional challengePassword."""
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if serial is not None:
+        names.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(names))
+    if code is not None:
+        builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, code.encode())
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@dataclass
+class Manufacturer:
+    """A factory CA that signs factory (IDevID-like) certificates carrying serial numbers."""
+
+    key: ec.EllipticCurvePrivateKey
+    cert: x509.Certificate
+
+    @classmethod
+    def create(cls, name: str) -> Manufacturer:
+        key = new_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(key, cert)
+
+    def factory_certificate(
+        self, serial: str
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        key = new_key()
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COMMON_NAME, f"factory {serial}"),
+                        x509.NameAttribute(NameOID.SERIAL_NUMBER, serial),
+                    ]
+                )
+            )
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        return cert, key
+
+
+@contextlib.asynccontextmanager
+async def coap_client(
+    trust_pem: bytes | None = None,
+    cert: x509.Certificate | None = None,
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> AsyncIterator[aiocoap.Context]:
+    """A client context: UDP always; coaps+tcp trusting `trust_pem`, presenting `cert`."""
+    if trust_pem is None:
+        context = await aiocoap.Context.create_client_context(transports=["udp6"])
+    else:
+        tls = client_ssl_context(
+            trust_pem,
+            cert_pem=pem(cert) if cert is not None else None,
+            key_pem=key_pem(key) if key is not None else None,
+        )
+        context = await device_client_context(tls)
+    try:
+        yield context
+    finally:
+        await context.shutdown()
+
+
+async def request(
+    context: aiocoap.Context,
+    uri: str,
+    code: aiocoap.numbers.codes.Code = aiocoap.GET,
+    payload: bytes = b"",
+    **options: object,
+) -> aiocoap.Message:
+    """Send one request and wait (up to 15 s) for its final response."""
+    message = aiocoap.Message(code=code, uri=uri, payload=payload)
+    for name, value in options.items():
+        setattr(message.opt, name, value)
+    response: aiocoap.Message = await asyncio.wait_for(context.request(message).response, 15)
+    return response
+
+
+def certificate(response: aiocoap.Message) -> x509.Certificate:
+    """The certificate in an EST answer (certs-only PKCS#7 or a DER certificate)."""
+    from cryptography.hazmat.primitives.serialization import pkcs7
+
+    if response.opt.content_format == PKIX_CERT:
+        return x509.load_der_x509_certificate(response.payload)
+    (cert,) = pkcs7.load_der_pkcs7_certificates(response.payload)
+    return cert
