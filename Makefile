@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint proto migrations bench clean
+.PHONY: run test lint interop-tools proto migrations bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,43 @@ run: $(STAMP)
 	$(BIN)/citytwin serve
 
 ## Lint, type-check and run the whole test suite (PostgreSQL too when CITYTWIN_TEST_PG is set).
-test: lint
+test: lint interop-tools
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+## The device-side tools tests/interop drives: libcoap's coap-client-openssl and the openssl CLI.
+## Installed with apt-get where that works (as root, or with sudo that needs no password);
+## anywhere else this only prints a note and those tests skip (CI=true makes them fail instead,
+## see .ci/run), so `make test` still runs everything else.
+INTEROP_PACKAGES := libcoap3-bin openssl
+
+interop-tools:
+	@if command -v coap-client-openssl >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then \
+		exit 0; \
+	fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "note: no apt-get here; install libcoap (coap-client-openssl) and openssl" \
+			"yourself, or tests/interop will skip"; \
+		exit 0; \
+	fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo="sudo -n"; \
+	else \
+		echo "note: not root and no password-less sudo; run 'sudo apt-get install" \
+			"$(INTEROP_PACKAGES)', or tests/interop will skip"; \
+		exit 0; \
+	fi; \
+	echo "installing $(INTEROP_PACKAGES) for tests/interop"; \
+	{ $$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $(INTEROP_PACKAGES); } \
+		|| echo "note: apt-get could not install $(INTEROP_PACKAGES); tests/interop will skip"
 
 ## Regenerate the gRPC code from proto/citytwin/v1/*.proto.
 proto: $(STAMP)
@@ -38,6 +68,7 @@ migrations: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/twin_updates.py
+	$(BIN)/python bench/enroll.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

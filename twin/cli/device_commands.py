@@ -92,6 +92,39 @@ def parse_labels(items: list[str]) -> dict[str, str]:
     return labels
 
 
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options describing a device to register (as `devices create` takes them)."""
+    parser.add_argument("--serial", required=True, help="the manufacturer's serial number")
+    parser.add_argument("--kind", required=True, choices=sorted(KINDS))
+    parser.add_argument("--model", required=True, help="a device profile's model")
+    parser.add_argument("--id", default="", help="device id (default: chosen by the service)")
+    parser.add_argument(
+        "--site", "--pole", dest="site", default="", metavar="POLE", help="pole or site id"
+    )
+    parser.add_argument("--lat", type=float, help="latitude in degrees (with --lon)")
+    parser.add_argument("--lon", type=float, help="longitude in degrees (with --lat)")
+    parser.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+
+
+def device_from_args(args: argparse.Namespace) -> d.Device:
+    """The device described by the options of `add_device_arguments`."""
+    if (args.lat is None) != (args.lon is None):
+        raise InvalidArgument("--lat and --lon go together")
+    device = d.Device(
+        kind=KINDS[args.kind],
+        model=args.model,
+        serial_number=args.serial,
+        labels=parse_labels(args.label),
+    )
+    if args.lat is not None or args.site:
+        device.location.CopyFrom(
+            d.Location(latitude=args.lat or 0.0, longitude=args.lon or 0.0, site_id=args.site)
+        )
+    return device
+
+
 @api_command
 def _list(args: argparse.Namespace, api: ApiClient) -> int:
     devices: list[d.Device] = []
@@ -123,18 +156,7 @@ def _get(args: argparse.Namespace, api: ApiClient) -> int:
 
 @api_command
 def _create(args: argparse.Namespace, api: ApiClient) -> int:
-    device = d.Device(
-        kind=KINDS[args.kind],
-        model=args.model,
-        serial_number=args.serial,
-        labels=parse_labels(args.label),
-    )
-    if (args.lat is None) != (args.lon is None):
-        raise InvalidArgument("--lat and --lon go together")
-    if args.lat is not None or args.site:
-        device.location.CopyFrom(
-            d.Location(latitude=args.lat or 0.0, longitude=args.lon or 0.0, site_id=args.site)
-        )
+    device = device_from_args(args)
     created = api.call(
         api.devices.CreateDevice, d.CreateDeviceRequest(device_id=args.id, device=device)
     )
@@ -159,14 +181,5 @@ def register(commands: Any) -> None:
     get.set_defaults(func=_get)
 
     create = add_api_command(sub, "create", "register a device")
-    create.add_argument("--kind", required=True, choices=sorted(KINDS))
-    create.add_argument("--model", required=True, help="a device profile's model")
-    create.add_argument("--serial", required=True, help="the manufacturer's serial number")
-    create.add_argument("--id", default="", help="device id (default: chosen by the service)")
-    create.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
-    )
-    create.add_argument("--lat", type=float, help="latitude in degrees (with --lon)")
-    create.add_argument("--lon", type=float, help="longitude in degrees (with --lat)")
-    create.add_argument("--site", default="", metavar="POLE", help="pole, cabinet or site id")
+    add_device_arguments(create)
     create.set_defaults(func=_create)

@@ -26,7 +26,7 @@ from rich.text import Text
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
 from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name
-from twin.cli.device_commands import KINDS, parse_labels
+from twin.cli.device_commands import add_device_arguments, device_from_args
 from twin.cli.output import (
     format_time,
     message_to_dict,
@@ -254,39 +254,6 @@ def _hint_more(token: str, what: str, how: str) -> None:
 
 
 # --- install -----------------------------------------------------------------------------
-
-
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options describing a device to register (as `devices create` takes them)."""
-    parser.add_argument("--serial", required=True, help="the manufacturer's serial number")
-    parser.add_argument("--kind", required=True, choices=sorted(KINDS))
-    parser.add_argument("--model", required=True, help="a device profile's model")
-    parser.add_argument("--id", default="", help="device id (default: chosen by the service)")
-    parser.add_argument(
-        "--site", "--pole", dest="site", default="", metavar="POLE", help="pole or site id"
-    )
-    parser.add_argument("--lat", type=float, help="latitude in degrees (with --lon)")
-    parser.add_argument("--lon", type=float, help="longitude in degrees (with --lat)")
-    parser.add_argument(
-        "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
-    )
-
-
-def device_from_args(args: argparse.Namespace) -> d.Device:
-    """The device described by the options of `add_device_arguments`."""
-    if (args.lat is None) != (args.lon is None):
-        raise InvalidArgument("--lat and --lon go together")
-    device = d.Device(
-        kind=KINDS[args.kind],
-        model=args.model,
-        serial_number=args.serial,
-        labels=parse_labels(args.label),
-    )
-    if args.lat is not None or args.site:
-        device.location.CopyFrom(
-            d.Location(latitude=args.lat or 0.0, longitude=args.lon or 0.0, site_id=args.site)
-        )
-    return device
 
 
 def _can_print(text: str, out: TextIO) -> bool:
