@@ -29,17 +29,19 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 ## The device-side tools tests/interop drives: libcoap's coap-client-openssl and the openssl CLI.
-## Installed with apt-get where that works (as root, or with sudo that needs no password);
-## anywhere else this only prints a note and those tests skip (CI=true makes them fail instead,
-## see .ci/run), so `make test` still runs everything else.
-INTEROP_PACKAGES := libcoap3-bin openssl
-
+## Whichever is missing is installed with apt-get where that works (as root, or with sudo that
+## needs no password); anywhere else this only prints a note and those tests skip (CI=true makes
+## them fail instead, see .ci/run), so `make test` still runs everything else.
+## --no-upgrade: a package already there (openssl, libssl3) is never upgraded as a side effect.
 interop-tools:
-	@if command -v coap-client-openssl >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then \
+	@packages=""; \
+	command -v coap-client-openssl >/dev/null 2>&1 || packages="libcoap3-bin"; \
+	command -v openssl >/dev/null 2>&1 || packages="$${packages:+$$packages }openssl"; \
+	if [ -z "$$packages" ]; then \
 		exit 0; \
 	fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
-		echo "note: no apt-get here; install libcoap (coap-client-openssl) and openssl" \
+		echo "note: no apt-get here; install $$packages (coap-client-openssl, openssl)" \
 			"yourself, or tests/interop will skip"; \
 		exit 0; \
 	fi; \
@@ -49,14 +51,14 @@ interop-tools:
 		sudo="sudo -n"; \
 	else \
 		echo "note: not root and no password-less sudo; run 'sudo apt-get install" \
-			"$(INTEROP_PACKAGES)', or tests/interop will skip"; \
+			"$$packages', or tests/interop will skip"; \
 		exit 0; \
 	fi; \
-	echo "installing $(INTEROP_PACKAGES) for tests/interop"; \
+	echo "installing $$packages for tests/interop"; \
 	{ $$sudo apt-get update -qq && \
-		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			--no-install-recommends $(INTEROP_PACKAGES); } \
-		|| echo "note: apt-get could not install $(INTEROP_PACKAGES); tests/interop will skip"
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade \
+			--no-install-recommends $$packages; } \
+		|| echo "note: apt-get could not install $$packages; tests/interop will skip"
 
 ## Regenerate the gRPC code from proto/citytwin/v1/*.proto.
 proto: $(STAMP)

@@ -207,7 +207,9 @@ async def start_tls_server(
     At most `max_connections` are open at once (further ones are closed at accept); one that
     completes no CoAP message for `idle_timeout` seconds is released and closed, and a TLS
     handshake may take at most the smaller of `idle_timeout` and `handshake_timeout`.
-    `context.shutdown()` stops the listener and closes its connections.
+    `context.shutdown()` stops the listener and closes its connections. (A host name with
+    several addresses gets a socket each; with port 0 those ports differ and `port` is the
+    first one's. Give an address to avoid that.)
 
     Raises `ValueError` for a non-positive limit and `OSError` if the address cannot be bound.
     """

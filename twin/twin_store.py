@@ -38,6 +38,7 @@ from twin.registry import (
     get_device,
     page_of_devices,
     scan_devices,
+    set_lifecycle_state,
 )
 from twin.selectors import Selector
 
@@ -132,7 +133,13 @@ async def update_document(
                 f"not the expected {expected_version}"
             )
         applied = _apply(row, which, patch, datetime.now(UTC))
+        # The first report makes the device ACTIVE, even one that changes nothing.
+        first_report = which == "reported" and device.state != LifecycleState.ACTIVE
+        if first_report:
+            await set_lifecycle_state(conn, device_id, LifecycleState.ACTIVE)
         if not applied:
+            if first_report:
+                notifier.wake()
             return view_of_twin(row)
         await row.save(using_db=conn)
         await change_feed.append(

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Database, Deployment, Server, run_cli, unique
-from tests.twin.test_grpc_tls import self_signed
+from tests.twin.test_grpc_tls import service_issued_tls
 from twin.cli.api_client import device_name
 from twin.cli.twin_commands import build_patch
 from twin.errors import InvalidArgument
@@ -160,15 +160,15 @@ def test_failures_are_one_line_with_exit_code_2(deployment: Deployment) -> None:
 
 
 def test_tls_ca_verifies_the_server(fresh_db: Database, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key, trust = service_issued_tls(fresh_db, tmp_path)
     token = run_cli(fresh_db, "token", "create", "--role", "viewer").stdout.strip()
     server = Server(
         fresh_db,
         extra_env={"CITYTWIN_TLS_CERT": str(cert), "CITYTWIN_TLS_KEY": str(key)},
-        tls_root=cert.read_bytes(),
+        tls_root=trust.read_bytes(),
     ).start()
     try:
-        connection = ["--address", server.address, "--token", token, "--tls-ca", str(cert)]
+        connection = ["--address", server.address, "--token", token, "--tls-ca", str(trust)]
         listed = subprocess.run(
             [sys.executable, "-m", "twin", "devices", "list", "--json", *connection],
             capture_output=True,

@@ -1,65 +1,59 @@
-"""The gRPC port over TLS, with the certificate and key given as files."""
+"""The gRPC port over TLS, with a certificate the service's own CA issued
+(`citytwin ca issue-server-cert`), given to the server as files."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
+import stat
 from pathlib import Path
 
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from citytwin.v1 import profiles_pb2 as p
 from tests.conftest import Api, Database, Server, run_cli
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+def service_issued_tls(db: Database, directory: Path) -> tuple[Path, Path, Path]:
+    """(certificate chain, key, CA chain to trust) for 127.0.0.1/localhost, from the fleet CA."""
+    cert, key, trust = directory / "server.crt", directory / "server.key", directory / "ca.pem"
+    run_cli(
+        db,
+        *("ca", "issue-server-cert", "--name", "localhost", "--name", "127.0.0.1"),
+        *("--cert-out", str(cert), "--key-out", str(key), "--days", "2"),
     )
-    cert_path, key_path = directory / "server.crt", directory / "server.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    trust.write_text(run_cli(db, "ca", "show", "--pem").stdout)
+    return cert, key, trust
+
+
+def test_issued_server_certificate(fresh_db: Database, tmp_path: Path) -> None:
+    cert, key, trust = service_issued_tls(fresh_db, tmp_path)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    leaf, issuing = x509.load_pem_x509_certificates(cert.read_bytes())
+    leaf.verify_directly_issued_by(issuing)
+    assert issuing in x509.load_pem_x509_certificates(trust.read_bytes())
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert 1 < (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days <= 2
+    bad = run_cli(
+        fresh_db,
+        *("ca", "issue-server-cert", "--name", "not a host!", "--cert-out", "x", "--key-out", "y"),
+        check=False,
     )
-    return cert_path, key_path
+    assert bad.returncode == 2 and "not a valid DNS name" in bad.stderr
 
 
 def test_tls_port(fresh_db: Database, tmp_path: Path) -> None:
-    cert, key = self_signed(tmp_path)
+    cert, key, trust = service_issued_tls(fresh_db, tmp_path)
     token = run_cli(fresh_db, "token", "create", "--role", "viewer").stdout.strip()
     server = Server(
         fresh_db,
         extra_env={"CITYTWIN_TLS_CERT": str(cert), "CITYTWIN_TLS_KEY": str(key)},
-        tls_root=cert.read_bytes(),
+        tls_root=trust.read_bytes(),
     ).start()
     try:
-        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        credentials = grpc.ssl_channel_credentials(root_certificates=trust.read_bytes())
         with grpc.secure_channel(server.address, credentials) as channel:
             api = Api(channel, token)
             listed = api.call(api.profiles.ListProfiles, p.ListProfilesRequest())

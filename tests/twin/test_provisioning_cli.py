@@ -4,6 +4,7 @@ paging), which need no server. Certificates issued over CoAP are tested with enr
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -14,11 +15,16 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiocoap
 import grpc
 import pytest
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
+from citytwin.v1 import twins_pb2
+from tests.coap_devices import PKCS10, coap_client, make_csr, new_key, request
 from tests.conftest import Database, Deployment, Server, run_cli, unique
 from tests.provisioning.test_provisioning_api import make_ca
 from tests.twin.test_cli import citytwin, json_of, ok
@@ -277,8 +283,11 @@ def test_install_wait_gives_up_after_the_timeout(deployment: Deployment) -> None
     assert elapsed < 20
 
 
-def _start_waiting(dep: Deployment, device: str) -> subprocess.Popen[str]:
-    """`install --wait` in the background, once it has printed its first progress line."""
+def _start_waiting(
+    dep: Deployment, device: str, serial: str = "", seen: list[str] | None = None
+) -> subprocess.Popen[str]:
+    """`install --wait` in the background, once it has printed its first progress line
+    (the lines up to it are appended to `seen`)."""
     env = {
         **os.environ,
         "CITYTWIN_ADDRESS": dep.server.address,
@@ -289,7 +298,7 @@ def _start_waiting(dep: Deployment, device: str) -> subprocess.Popen[str]:
             *(sys.executable, "-m", "twin", "install", "--kind", "lamp", "--model", MODEL),
             *(
                 "--serial",
-                unique("SN"),
+                serial or unique("SN"),
                 "--id",
                 device,
                 "--no-qr",
@@ -307,6 +316,8 @@ def _start_waiting(dep: Deployment, device: str) -> subprocess.Popen[str]:
     )
     assert process.stdout is not None
     for line in process.stdout:
+        if seen is not None:
+            seen.append(line)
         if "registered: waiting" in line:
             return process
     process.wait(timeout=10)
@@ -327,6 +338,42 @@ def test_install_wait_follows_the_device(deployment: Deployment) -> None:
     assert process.returncode == EXIT_NOT_ACTIVE, err
     assert re.search(r"^\S+ decommissioned: ", out, re.MULTILINE), out
     assert f"devices/{device} will not become active" in err
+
+
+def test_install_wait_sees_enrollment_and_first_report(deployment: Deployment) -> None:
+    device, serial, seen = unique("lamp"), unique("SN"), list[str]()
+    process = _start_waiting(deployment, device, serial, seen)
+    try:
+        match = CODE_LINE.search("".join(seen))
+        assert match, seen
+        asyncio.run(_enroll_over_coaps(deployment, serial, match.group(0)))
+        api = deployment.api("service")
+        api.call(
+            api.twins.UpdateReported,
+            twins_pb2.UpdateReportedRequest(
+                name=f"devices/{device}/twin",
+                patch=json_format.ParseDict({"power": True}, Struct()),
+            ),
+        )
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert re.search(r"^\S+ provisioned: ", out, re.MULTILINE), out
+    assert re.search(r"^\S+ active: ", out, re.MULTILINE), out
+
+
+async def _enroll_over_coaps(dep: Deployment, serial: str, code: str) -> None:
+    trust = run_cli(dep.db, "ca", "show", "--pem").stdout.encode()
+    async with coap_client(trust) as tls:
+        response = await request(
+            tls,
+            f"coaps+tcp://127.0.0.1:{dep.server.coaps_port}/.well-known/est/sen",
+            aiocoap.POST,
+            make_csr(new_key(), serial, code),
+            content_format=PKCS10,
+        )
+    assert response.code == aiocoap.CHANGED, response.payload
 
 
 def test_install_wait_stops_on_ctrl_c(deployment: Deployment) -> None:
