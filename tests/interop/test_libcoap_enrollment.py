@@ -338,11 +338,6 @@ def test_libcoap_device_enrolls_and_reads_its_twin(fleet: Fleet) -> None:
 
     # The same key and certificate (openssl's PKCS#8 PEM key) as libcoap's TLS client identity.
     twin = coap_client(fleet.coaps + "/twin", ca=fleet.chain, cert=cert, key=key)
-    if twin.code == "4.04":
-        pytest.skip(
-            "enrollment passed; GET /twin answered 4.04: this build has no device twin "
-            "resource yet (twin/device_resources.py)"
-        )
     assert twin.code == "2.05", f"{twin.describe()}\n--- server log:\n{fleet.server.log_text()}"
     # libcoap names the formats it knows and prints others as numbers.
     assert twin.content_format in ("application/json", str(JSON)), twin.describe()

@@ -4,6 +4,8 @@ bad input, block-wise transfers and throttling."""
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -381,6 +383,25 @@ async def test_failed_attempts_are_throttled_with_max_age(own_site: Site) -> Non
         assert 200 < throttled.opt.max_age <= 300
         assert b"retry in" in throttled.payload
     assert own_site.device(device_id).state == d.REGISTERED
+
+
+@pytest.mark.server_env({"CITYTWIN_COAPS_MAX_CONNECTIONS": "1", "CITYTWIN_COAPS_IDLE_TIMEOUT": "1"})
+async def test_tls_connections_are_capped_and_closed_when_idle(own_site: Site) -> None:
+    tls = ssl.create_default_context(cadata=own_site.trust.decode())
+    tls.set_alpn_protocols(["coap"])
+    port = own_site.server.coaps_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+    with pytest.raises((OSError, asyncio.IncompleteReadError)):
+        second, _ = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+        await second.readexactly(1)
+    # Silent for longer than the idle timeout: the server closes the first connection...
+    while await asyncio.wait_for(reader.read(1024), 10):
+        pass
+    writer.close()
+    # ...which frees its slot.
+    async with coap_client(own_site.trust) as client:
+        response = await request(client, own_site.coaps + "/est/crts")
+    assert response.code == Code.CONTENT
 
 
 # --- zero-touch enrollment with a factory certificate -----------------------------------

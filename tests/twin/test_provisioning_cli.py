@@ -293,26 +293,22 @@ def _start_waiting(
         "CITYTWIN_ADDRESS": dep.server.address,
         "CITYTWIN_TOKEN": dep.tokens["installer"],
     }
+    # A runner started in the background ignores SIGINT, and so would this child; the child
+    # restores Python's handler itself (a preexec_fn would fork a process running gRPC).
+    restore_sigint = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'citytwin'; runpy.run_module('twin', run_name='__main__')"
+    )
     process = subprocess.Popen(
         [
-            *(sys.executable, "-m", "twin", "install", "--kind", "lamp", "--model", MODEL),
-            *(
-                "--serial",
-                serial or unique("SN"),
-                "--id",
-                device,
-                "--no-qr",
-                "--wait",
-                "--wait-timeout",
-                "60",
-            ),
+            *(sys.executable, "-c", restore_sigint, "install", "--kind", "lamp", "--model", MODEL),
+            *("--serial", serial or unique("SN"), "--id", device),
+            *("--no-qr", "--wait", "--wait-timeout", "60"),
         ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # A runner started in the background ignores SIGINT, and so would this child.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stdout is not None
     for line in process.stdout:
