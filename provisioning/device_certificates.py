@@ -224,6 +224,13 @@ async def identify_device(der: bytes | None) -> DeviceIdentity:
     return cached[1]
 
 
+def forget_device(device_id: str) -> None:
+    """Drop what the cache knows about `device_id`'s certificates (it was decommissioned)."""
+    for key, (_, result) in list(_cache.items()):
+        if isinstance(result, DeviceIdentity) and result.device_id == device_id:
+            del _cache[key]
+
+
 async def device_of_certificate(der: bytes | None) -> str:
     """The device a certificate was issued to, whatever its state ("" if none), for logs."""
     if der is None:

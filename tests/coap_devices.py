@@ -10,11 +10,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import aiocoap
+from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import AttributeOID, NameOID
 
+from citytwin.v1 import devices_pb2 as d
+from citytwin.v1 import provisioning_pb2 as p
+from tests.conftest import Api, Database, Server, run_cli, unique
 from twin.coap_tls import client_ssl_context, device_client_context
 
 PKCS7 = 281
@@ -155,3 +159,77 @@ def certificate(response: aiocoap.Message) -> x509.Certificate:
         return x509.load_der_x509_certificate(response.payload)
     (cert,) = pkcs7.load_der_pkcs7_certificates(response.payload)
     return cert
+
+
+@dataclass
+class Site:
+    """A running server as a device sees it, plus an admin API."""
+
+    server: Server
+    api: Api
+    trust: bytes  # the fleet CA's certificates, PEM
+
+    @property
+    def coaps(self) -> str:
+        return f"coaps+tcp://127.0.0.1:{self.server.coaps_port}"
+
+    @property
+    def coap(self) -> str:
+        return f"coap://127.0.0.1:{self.server.coap_port}"
+
+    def enroll_code(self, serial: str, district: str = "north") -> tuple[str, str]:
+        """Register a lamp with an enrollment; (device id, code)."""
+        response = self.api.call(
+            self.api.provisioning.CreateEnrollment,
+            p.CreateEnrollmentRequest(
+                device=d.Device(
+                    kind=d.LAMP,
+                    model="lamp-led-dimmable",
+                    serial_number=serial,
+                    labels={"district": district},
+                )
+            ),
+        )
+        return response.device.name.removeprefix("devices/"), response.enrollment_code
+
+    def device(self, device_id: str) -> d.Device:
+        return self.api.call(
+            self.api.devices.GetDevice, d.GetDeviceRequest(name=f"devices/{device_id}")
+        )
+
+    def certificates(self, device_id: str) -> list[p.Certificate]:
+        return list(
+            self.api.call(
+                self.api.provisioning.ListCertificates,
+                p.ListCertificatesRequest(device=f"devices/{device_id}"),
+            ).certificates
+        )
+
+    def audit(self, device_id: str = "") -> list[p.AuditEvent]:
+        device = f"devices/{device_id}" if device_id else ""
+        return list(
+            self.api.call(
+                self.api.provisioning.ListAuditEvents, p.ListAuditEventsRequest(device=device)
+            ).events
+        )
+
+
+def fleet_trust(db: Database) -> bytes:
+    return run_cli(db, "ca", "show", "--pem").stdout.encode()
+
+
+async def post_csr(
+    context: aiocoap.Context, uri: str, csr: bytes, **options: object
+) -> aiocoap.Message:
+    options.setdefault("content_format", PKCS10)
+    return await request(context, uri, aiocoap.POST, csr, **options)
+
+
+async def enrolled_device(site: Site) -> tuple[str, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    serial = unique("SN")
+    device_id, code = site.enroll_code(serial)
+    key = new_key()
+    async with coap_client(site.trust) as tls:
+        response = await post_csr(tls, site.coaps + "/est/sen", make_csr(key, serial, code))
+    assert response.code == Code.CHANGED
+    return device_id, certificate(response), key

@@ -18,7 +18,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -31,6 +31,9 @@ from citytwin.v1 import (
     provisioning_pb2_grpc,
     twins_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from tests.coap_devices import Site
 
 PG_DSN = os.environ.get("CITYTWIN_TEST_PG", "")
 BACKENDS = ["sqlite", "postgres"] if PG_DSN else ["sqlite"]
@@ -250,3 +253,28 @@ def fresh_db(backend: str, tmp_path: Path) -> Iterator[Database]:
 def unique(prefix: str) -> str:
     """A device id / label value no other test uses."""
     return f"{prefix}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def site(deployment: Deployment) -> Site:
+    """The shared server, as devices see it."""
+    from tests.coap_devices import Site, fleet_trust
+
+    return Site(deployment.server, deployment.api("admin"), fleet_trust(deployment.db))
+
+
+@pytest.fixture
+def own_site(fresh_db: Database, request: pytest.FixtureRequest) -> Iterator[Site]:
+    """A server of the test's own, configured by the test's `server_env` marker."""
+    from tests.coap_devices import Site, fleet_trust
+
+    marker = request.node.get_closest_marker("server_env")
+    env = dict(marker.args[0]) if marker else {}
+    token = run_cli(fresh_db, "token", "create", "--role", "admin").stdout.strip()
+    server = Server(fresh_db, extra_env=env).start()
+    channel = grpc.insecure_channel(server.address)
+    try:
+        yield Site(server, Api(channel, token), fleet_trust(fresh_db))
+    finally:
+        channel.close()
+        server.stop()

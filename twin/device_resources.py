@@ -1,37 +1,74 @@
-"""The device-facing twin API on CoAP: what a device, authenticated by its certificate on
-`coaps+tcp`, may read of its own twin. (Reports, Observe and telemetry build on this.)"""
+"""The device-facing twin API on CoAP. A device, authenticated by its certificate on
+`coaps+tcp`, reads and observes its own twin and reports its state; it can name no other
+device (its principal is scoped to itself).
+
+* `GET /twin`: the whole twin (desired, reported, delta, version).
+* `POST`/`PATCH /twin/reported`: a JSON Merge Patch of the reported state, CBOR or JSON,
+  validated against the profile and answered 2.04 only once committed.
+* `GET /twin/desired`, `GET /twin/delta`: observable (RFC 7641); a change reaches observers at
+  once through the change feed (see device_observers.py). Each answer carries an ETag, so a
+  device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed.
+"""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
+from typing import Any
 
 import aiocoap
+import aiocoap.interfaces
 import aiocoap.resource
 from aiocoap.numbers import ContentFormat
 from aiocoap.numbers.codes import Code
 
-from provisioning.device_certificates import identify_device
+from provisioning.device_certificates import DeviceIdentity, identify_device
 from twin.access import device_principal
-from twin.coap_resources import BoundedResource, negotiate_accept
+from twin.change_feed import FeedNotifier
+from twin.coap_resources import BoundedResource, negotiate_accept, require_content_format
 from twin.coap_tls import peer_certificate
-from twin.twin_store import get_twin
+from twin.device_observers import DeviceObservers, Document
+from twin.device_payloads import (
+    CBOR,
+    JSON,
+    MAX_REPORT_BYTES,
+    decode_patch,
+    encode_document,
+    etag_of,
+)
+from twin.twin_store import TwinView, get_twin, update_document
 
-JSON = 50
+
+async def _device(request: aiocoap.Message) -> DeviceIdentity:
+    return await identify_device(peer_certificate(request))
+
+
+def _answer(document: object, request: aiocoap.Message, content_format: int) -> aiocoap.Message:
+    etag = etag_of(document)
+    if etag in (request.opt.etags or ()):
+        response = aiocoap.Message(code=Code.VALID)
+    else:
+        response = aiocoap.Message(
+            code=Code.CONTENT,
+            payload=encode_document(document, content_format),
+            content_format=ContentFormat(content_format),
+        )
+    response.opt.etag = etag
+    return response
 
 
 class OwnTwin(BoundedResource):
-    """`/twin`: GET the requesting device's whole twin (desired, reported, delta, version)."""
+    """`/twin`: GET the requesting device's whole twin."""
 
     rt = "citytwin.twin"
-    ct = str(JSON)
+    ct = f"{JSON} {CBOR}"
 
     def __init__(self) -> None:
         super().__init__(max_body_bytes=0)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         """The twin of the device whose certificate the connection presented."""
-        negotiate_accept(request, JSON)
-        identity = await identify_device(peer_certificate(request))
+        content_format = negotiate_accept(request, JSON, CBOR)
+        identity = await _device(request)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
         body = {
             "device": identity.device_id,
@@ -40,13 +77,106 @@ class OwnTwin(BoundedResource):
             "reported": twin.reported,
             "delta": twin.delta,
         }
-        return aiocoap.Message(
-            code=Code.CONTENT,
-            payload=json.dumps(body, separators=(",", ":")).encode(),
-            content_format=ContentFormat(JSON),
+        return _answer(body, request, content_format)
+
+
+class ReportedState(BoundedResource):
+    """`/twin/reported`: POST or PATCH a merge patch of the device's reported state."""
+
+    rt = "citytwin.twin.reported"
+    ct = f"{JSON} {CBOR}"
+
+    def __init__(self, notifier: FeedNotifier) -> None:
+        super().__init__(max_body_bytes=MAX_REPORT_BYTES)
+        self.notifier = notifier
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Apply the report; 2.04 once committed, with the twin's new version as ETag."""
+        content_format = require_content_format(request, JSON, CBOR)
+        patch = decode_patch(request.payload, content_format)
+        identity = await _device(request)
+        twin = await update_document(
+            identity.device_id,
+            "reported",
+            patch,
+            expected_version=0,
+            principal=device_principal(identity.device_id),
+            notifier=self.notifier,
         )
+        response = aiocoap.Message(code=Code.CHANGED)
+        response.opt.etag = twin.version.to_bytes(8, "big")
+        return response
+
+    render_patch = render_post
 
 
-def add_device_resources(site: aiocoap.resource.Site) -> None:
+class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):  # type: ignore[misc]
+    """A view of the device's twin that devices may observe."""
+
+    ct = f"{JSON} {CBOR}"
+    document: Document
+    view: Callable[[TwinView], object]
+
+    def __init__(self, observers: DeviceObservers) -> None:
+        super().__init__(max_body_bytes=0)
+        self.observers = observers
+
+    async def add_observation(self, request: aiocoap.Message, observation: Any) -> None:
+        """Register the observation under the requesting device (if it is one)."""
+        try:
+            identity = await _device(request)
+        except Exception:
+            # The render refuses the request, which ends the observation; aiocoap still
+            # wants it accepted so that it can be cancelled.
+            observation.accept(lambda: None)
+            return
+        observation.accept(self.observers.add(identity.device_id, self.document, observation))
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        """The current document, or 2.03 Valid if the request's ETag still matches."""
+        content_format = negotiate_accept(request, JSON, CBOR)
+        identity = await _device(request)
+        twin = await get_twin(identity.device_id, device_principal(identity.device_id))
+        return _answer(type(self).view(twin), request, content_format)
+
+    def get_link_description(self) -> dict[str, Any]:
+        """Discovery attributes, marked observable."""
+        link: dict[str, Any] = super().get_link_description()
+        link["obs"] = None
+        return link
+
+
+class DesiredState(_ObservedDocument):
+    """`/twin/desired`: the desired state, observable."""
+
+    rt = "citytwin.twin.desired"
+    document = Document.DESIRED
+
+    @staticmethod
+    def view(twin: TwinView) -> object:
+        """The desired document."""
+        return twin.desired
+
+
+class DeltaState(_ObservedDocument):
+    """`/twin/delta`: what the device still has to do (desired leaves differing from
+    reported), observable. Computed from the current documents, so a device that was offline
+    gets one coalesced delta, never a stale intermediate value."""
+
+    rt = "citytwin.twin.delta"
+    document = Document.DELTA
+
+    @staticmethod
+    def view(twin: TwinView) -> object:
+        """The delta document."""
+        return twin.delta
+
+
+def add_device_resources(
+    site: aiocoap.resource.Site, notifier: FeedNotifier, observers: DeviceObservers
+) -> None:
     """Add the device twin resources to the CoAP site."""
     site.add_resource(["twin"], OwnTwin())
+    site.add_resource(["twin", "reported"], ReportedState(notifier))
+    site.add_resource(["twin", "desired"], DesiredState(observers))
+    site.add_resource(["twin", "delta"], DeltaState(observers))

@@ -40,6 +40,7 @@ from twin import change_feed
 from twin.change_feed import FeedNotifier
 from twin.coap_tls import add_client_ca, server_ssl_context, start_tls_server
 from twin.database import close_database, open_database
+from twin.device_observers import DeviceObservers, push_changes_forever
 from twin.device_resources import add_device_resources
 from twin.grpc_api.devices import DeviceServicer
 from twin.grpc_api.interceptor import ApiInterceptor
@@ -97,7 +98,9 @@ def build_grpc_server(
     return server
 
 
-def build_coap_site(enroller: Enroller, settings: Settings) -> aiocoap.resource.Site:
+def build_coap_site(
+    enroller: Enroller, settings: Settings, notifier: FeedNotifier, observers: DeviceObservers
+) -> aiocoap.resource.Site:
     """The device-facing CoAP site: discovery, EST-coaps provisioning, device twins."""
     site = aiocoap.resource.Site()
     site.add_resource(
@@ -105,7 +108,7 @@ def build_coap_site(enroller: Enroller, settings: Settings) -> aiocoap.resource.
         aiocoap.resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
     add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
-    add_device_resources(site)
+    add_device_resources(site, notifier, observers)
     return site
 
 
@@ -192,12 +195,18 @@ async def serve(settings: Settings) -> None:
             by_source=_failure_limiter(settings),
             by_serial=_failure_limiter(settings),
         )
-        coap, tls = await start_coap(settings, build_coap_site(enroller, settings), ca)
+        observers = DeviceObservers()
+        site = build_coap_site(enroller, settings, notifier, observers)
+        coap, tls = await start_coap(settings, site, ca)
         running.push_async_callback(coap.shutdown)
         grpc_server = build_grpc_server(settings, notifier, lambda pem: add_client_ca(tls, pem))
         await grpc_server.start()
         running.push_async_callback(grpc_server.stop, 2.0)
-        for loop_forever in (_trim_feed_forever(retention), _trust_new_groups_forever(tls)):
+        for loop_forever in (
+            _trim_feed_forever(retention),
+            _trust_new_groups_forever(tls),
+            push_changes_forever(notifier, observers),
+        ):
             task = asyncio.create_task(loop_forever)
             running.callback(task.cancel)
         stop = asyncio.Event()

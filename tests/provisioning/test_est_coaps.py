@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import aiocoap
-import grpc
 import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
@@ -28,99 +25,17 @@ from tests.coap_devices import (
     PKCS10,
     PKIX_CERT,
     Manufacturer,
+    Site,
     certificate,
     coap_client,
+    enrolled_device,
     make_csr,
     new_key,
     pem,
+    post_csr,
     request,
 )
-from tests.conftest import Api, Database, Deployment, Server, run_cli, unique
-
-
-@dataclass
-class Site:
-    """A running server as a device sees it, plus an admin API."""
-
-    server: Server
-    api: Api
-    trust: bytes  # the fleet CA's certificates, PEM
-
-    @property
-    def coaps(self) -> str:
-        return f"coaps+tcp://127.0.0.1:{self.server.coaps_port}"
-
-    @property
-    def coap(self) -> str:
-        return f"coap://127.0.0.1:{self.server.coap_port}"
-
-    def enroll_code(self, serial: str, district: str = "north") -> tuple[str, str]:
-        """Register a lamp with an enrollment; (device id, code)."""
-        response = self.api.call(
-            self.api.provisioning.CreateEnrollment,
-            p.CreateEnrollmentRequest(
-                device=d.Device(
-                    kind=d.LAMP,
-                    model="lamp-led-dimmable",
-                    serial_number=serial,
-                    labels={"district": district},
-                )
-            ),
-        )
-        return response.device.name.removeprefix("devices/"), response.enrollment_code
-
-    def device(self, device_id: str) -> d.Device:
-        return self.api.call(
-            self.api.devices.GetDevice, d.GetDeviceRequest(name=f"devices/{device_id}")
-        )
-
-    def certificates(self, device_id: str) -> list[p.Certificate]:
-        return list(
-            self.api.call(
-                self.api.provisioning.ListCertificates,
-                p.ListCertificatesRequest(device=f"devices/{device_id}"),
-            ).certificates
-        )
-
-    def audit(self, device_id: str = "") -> list[p.AuditEvent]:
-        device = f"devices/{device_id}" if device_id else ""
-        return list(
-            self.api.call(
-                self.api.provisioning.ListAuditEvents, p.ListAuditEventsRequest(device=device)
-            ).events
-        )
-
-
-def _fleet_trust(db: Database) -> bytes:
-    return run_cli(db, "ca", "show", "--pem").stdout.encode()
-
-
-@pytest.fixture
-def site(deployment: Deployment) -> Site:
-    return Site(deployment.server, deployment.api("admin"), _fleet_trust(deployment.db))
-
-
-@pytest.fixture
-def own_site(fresh_db: Database, request: pytest.FixtureRequest) -> Iterator[Site]:
-    """A server of the test's own, configured by the test's `server_env` marker."""
-    marker = request.node.get_closest_marker("server_env")
-    env = dict(marker.args[0]) if marker else {}
-    token = run_cli(fresh_db, "token", "create", "--role", "admin").stdout.strip()
-    server = Server(fresh_db, extra_env=env).start()
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield Site(server, Api(channel, token), _fleet_trust(fresh_db))
-    finally:
-        channel.close()
-        server.stop()
-
-
-async def post_csr(
-    context: aiocoap.Context, uri: str, csr: bytes, **options: object
-) -> aiocoap.Message:
-    options.setdefault("content_format", PKCS10)
-    return await request(context, uri, aiocoap.POST, csr, **options)
-
+from tests.conftest import unique
 
 # --- CA certificates and discovery ------------------------------------------------------
 
@@ -454,16 +369,6 @@ async def test_a_factory_certificate_of_an_unknown_maker_is_refused(site: Site) 
 
 
 # --- re-enrollment and revocation ------------------------------------------------------
-
-
-async def enrolled_device(site: Site) -> tuple[str, x509.Certificate, object]:
-    serial = unique("SN")
-    device_id, code = site.enroll_code(serial)
-    key = new_key()
-    async with coap_client(site.trust) as tls:
-        response = await post_csr(tls, site.coaps + "/est/sen", make_csr(key, serial, code))
-    assert response.code == Code.CHANGED
-    return device_id, certificate(response), key
 
 
 @pytest.mark.server_env({})
