@@ -177,14 +177,16 @@ class Site:
     def coap(self) -> str:
         return f"coap://127.0.0.1:{self.server.coap_port}"
 
-    def enroll_code(self, serial: str, district: str = "north") -> tuple[str, str]:
+    def enroll_code(
+        self, serial: str, district: str = "north", model: str = "lamp-led-dimmable"
+    ) -> tuple[str, str]:
         """Register a lamp with an enrollment; (device id, code)."""
         response = self.api.call(
             self.api.provisioning.CreateEnrollment,
             p.CreateEnrollmentRequest(
                 device=d.Device(
                     kind=d.LAMP,
-                    model="lamp-led-dimmable",
+                    model=model,
                     serial_number=serial,
                     labels={"district": district},
                 )
@@ -225,9 +227,12 @@ async def post_csr(
     return await request(context, uri, aiocoap.POST, csr, **options)
 
 
-async def enrolled_device(site: Site) -> tuple[str, x509.Certificate, ec.EllipticCurvePrivateKey]:
+async def enrolled_device(
+    site: Site, model: str = "lamp-led-dimmable"
+) -> tuple[str, x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A lamp registered, enrolled with a code over coaps+tcp: (id, certificate, key)."""
     serial = unique("SN")
-    device_id, code = site.enroll_code(serial)
+    device_id, code = site.enroll_code(serial, model=model)
     key = new_key()
     async with coap_client(site.trust) as tls:
         response = await post_csr(tls, site.coaps + "/est/sen", make_csr(key, serial, code))

@@ -26,6 +26,7 @@ LAMP_LED_DIMMABLE = Profile(
     kind="lamp",
     description="Dimmable LED street lamp with a lamp controller",
     builtin=True,
+    heartbeat_interval_seconds=300,
     properties=(
         PropertySpec("power", _B, writable=True, description="Lamp switched on"),
         PropertySpec(
@@ -89,6 +90,8 @@ ENV_SENSOR = Profile(
     kind="sensor",
     description="Environmental sensor: air quality, noise and parking-bay occupancy",
     builtin=True,
+    # Battery sensors wake rarely: report, read their delta, sleep.
+    heartbeat_interval_seconds=900,
     properties=(
         PropertySpec(
             "pm2_5", _N, minimum=0, maximum=1000, unit=_UG_M3, description="Fine particulates"
@@ -124,6 +127,7 @@ CAMERA_IP = Profile(
     kind="camera",
     description="IP video camera with local recording",
     builtin=True,
+    heartbeat_interval_seconds=60,
     properties=(
         PropertySpec("recording", _B, writable=True, description="Recording to local storage"),
         PropertySpec(

@@ -8,11 +8,15 @@ device (its principal is scoped to itself).
 * `GET /twin/desired`, `GET /twin/delta`: observable (RFC 7641); a change reaches observers at
   once through the change feed (see device_observers.py). Each answer carries an ETag, so a
   device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed.
+* `POST /twin/heartbeat`: nothing but "I am here", for devices with nothing to report.
+
+Every request a device makes counts as a sign of life (liveness_store.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiocoap
@@ -35,11 +39,23 @@ from twin.device_payloads import (
     encode_document,
     etag_of,
 )
+from twin.liveness_store import Liveness
 from twin.twin_store import TwinView, get_twin, update_document
 
 
-async def _device(request: aiocoap.Message) -> DeviceIdentity:
-    return await identify_device(peer_certificate(request))
+@dataclass
+class DeviceSide:
+    """What the device resources share: the feed notifier, the observations, liveness."""
+
+    notifier: FeedNotifier
+    observers: DeviceObservers
+    liveness: Liveness
+
+    async def device(self, request: aiocoap.Message) -> DeviceIdentity:
+        """The device whose certificate the request's connection presented, now seen."""
+        identity = await identify_device(peer_certificate(request))
+        await self.liveness.seen(identity.device_id)
+        return identity
 
 
 def _answer(document: object, request: aiocoap.Message, content_format: int) -> aiocoap.Message:
@@ -62,13 +78,14 @@ class OwnTwin(BoundedResource):
     rt = "citytwin.twin"
     ct = f"{JSON} {CBOR}"
 
-    def __init__(self) -> None:
+    def __init__(self, side: DeviceSide) -> None:
         super().__init__(max_body_bytes=0)
+        self.side = side
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         """The twin of the device whose certificate the connection presented."""
         content_format = negotiate_accept(request, JSON, CBOR)
-        identity = await _device(request)
+        identity = await self.side.device(request)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
         body = {
             "device": identity.device_id,
@@ -86,22 +103,22 @@ class ReportedState(BoundedResource):
     rt = "citytwin.twin.reported"
     ct = f"{JSON} {CBOR}"
 
-    def __init__(self, notifier: FeedNotifier) -> None:
+    def __init__(self, side: DeviceSide) -> None:
         super().__init__(max_body_bytes=MAX_REPORT_BYTES)
-        self.notifier = notifier
+        self.side = side
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         """Apply the report; 2.04 once committed, with the twin's new version as ETag."""
         content_format = require_content_format(request, JSON, CBOR)
         patch = decode_patch(request.payload, content_format)
-        identity = await _device(request)
+        identity = await self.side.device(request)
         twin = await update_document(
             identity.device_id,
             "reported",
             patch,
             expected_version=0,
             principal=device_principal(identity.device_id),
-            notifier=self.notifier,
+            notifier=self.side.notifier,
         )
         response = aiocoap.Message(code=Code.CHANGED)
         response.opt.etag = twin.version.to_bytes(8, "big")
@@ -117,25 +134,25 @@ class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):
     document: Document
     view: Callable[[TwinView], object]
 
-    def __init__(self, observers: DeviceObservers) -> None:
+    def __init__(self, side: DeviceSide) -> None:
         super().__init__(max_body_bytes=0)
-        self.observers = observers
+        self.side = side
 
     async def add_observation(self, request: aiocoap.Message, observation: Any) -> None:
         """Register the observation under the requesting device (if it is one)."""
         try:
-            identity = await _device(request)
+            identity = await self.side.device(request)
         except Exception:
             # The render refuses the request, which ends the observation; aiocoap still
             # wants it accepted so that it can be cancelled.
             observation.accept(lambda: None)
             return
-        observation.accept(self.observers.add(identity.device_id, self.document, observation))
+        observation.accept(self.side.observers.add(identity.device_id, self.document, observation))
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         """The current document, or 2.03 Valid if the request's ETag still matches."""
         content_format = negotiate_accept(request, JSON, CBOR)
-        identity = await _device(request)
+        identity = await self.side.device(request)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
         return _answer(type(self).view(twin), request, content_format)
 
@@ -172,11 +189,25 @@ class DeltaState(_ObservedDocument):
         return twin.delta
 
 
-def add_device_resources(
-    site: aiocoap.resource.Site, notifier: FeedNotifier, observers: DeviceObservers
-) -> None:
+class Heartbeat(BoundedResource):
+    """`/twin/heartbeat`: POST (empty) to say the device is alive; 2.04."""
+
+    rt = "citytwin.heartbeat"
+
+    def __init__(self, side: DeviceSide) -> None:
+        super().__init__(max_body_bytes=0)
+        self.side = side
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Record the device as seen."""
+        await self.side.device(request)
+        return aiocoap.Message(code=Code.CHANGED)
+
+
+def add_device_resources(site: aiocoap.resource.Site, side: DeviceSide) -> None:
     """Add the device twin resources to the CoAP site."""
-    site.add_resource(["twin"], OwnTwin())
-    site.add_resource(["twin", "reported"], ReportedState(notifier))
-    site.add_resource(["twin", "desired"], DesiredState(observers))
-    site.add_resource(["twin", "delta"], DeltaState(observers))
+    site.add_resource(["twin"], OwnTwin(side))
+    site.add_resource(["twin", "reported"], ReportedState(side))
+    site.add_resource(["twin", "desired"], DesiredState(side))
+    site.add_resource(["twin", "delta"], DeltaState(side))
+    site.add_resource(["twin", "heartbeat"], Heartbeat(side))

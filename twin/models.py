@@ -24,6 +24,8 @@ class Device(Model):
     created_at = fields.DatetimeField()
     updated_at = fields.DatetimeField()
     last_seen_at = fields.DatetimeField(null=True)
+    # Whether the device was heard from within its profile's heartbeat interval (x tolerance).
+    online = fields.BooleanField(default=False, db_index=True)
 
     class Meta:
         table = "device"

@@ -20,6 +20,9 @@ from twin.merge_patch import JSON, Document
 from twin.selectors import KINDS
 
 MAX_PROPERTIES = 512
+DEFAULT_HEARTBEAT_SECONDS = 300
+MIN_HEARTBEAT_SECONDS = 10
+MAX_HEARTBEAT_SECONDS = 86_400
 _MODEL = re.compile(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?")
 # A member name optionally followed by `[]` (one per array level), e.g. `schedule[]`.
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,127}(\[\])*")
@@ -57,13 +60,16 @@ class PropertySpec:
 
 @dataclass(frozen=True)
 class Profile:
-    """The properties of one device model."""
+    """The properties of one device model, and how often its devices check in."""
 
     model: str
     kind: str
     properties: tuple[PropertySpec, ...]
     description: str = ""
     builtin: bool = False
+    # A device of this model contacts the service at least this often (a report, an
+    # observation, a heartbeat); silent for much longer, it is considered offline.
+    heartbeat_interval_seconds: int = DEFAULT_HEARTBEAT_SECONDS
 
     def spec(self, path: str) -> PropertySpec | None:
         """The spec declared for `path` (e.g. `dimming_schedule[].level`), if any."""
@@ -89,6 +95,11 @@ def check_profile(profile: Profile) -> None:
         raise InvalidArgument(
             f"unknown kind {profile.kind!r} for model {profile.model!r} "
             f"(expected {', '.join(KINDS[:-1])} or {KINDS[-1]})"
+        )
+    if not MIN_HEARTBEAT_SECONDS <= profile.heartbeat_interval_seconds <= MAX_HEARTBEAT_SECONDS:
+        raise InvalidArgument(
+            f"profile {profile.model!r}: heartbeat_interval_seconds must be "
+            f"{MIN_HEARTBEAT_SECONDS}..{MAX_HEARTBEAT_SECONDS}"
         )
     if not profile.properties:
         raise InvalidArgument(f"profile {profile.model!r} declares no properties")
@@ -281,6 +292,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
         "kind": profile.kind,
         "description": profile.description,
         "builtin": profile.builtin,
+        "heartbeat_interval_seconds": profile.heartbeat_interval_seconds,
         "properties": [
             {
                 "path": p.path,
@@ -338,6 +350,9 @@ def profile_from_dict(data: Mapping[str, Any]) -> Profile:
         properties=tuple(specs),
         description=_get(data, "description", str, ""),
         builtin=_get(data, "builtin", bool, False),
+        heartbeat_interval_seconds=_get(
+            data, "heartbeat_interval_seconds", int, DEFAULT_HEARTBEAT_SECONDS
+        ),
     )
 
 

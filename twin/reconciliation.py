@@ -71,8 +71,8 @@ class PropertyAck:
 
 def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     # A frozen dataclass does not stop mutation of a dict it holds; a read-only proxy over a
-    # private copy does.
-    return value if isinstance(value, MappingProxyType) else MappingProxyType(dict(value))
+    # private copy does (copying even a proxy, whose underlying dict someone may still hold).
+    return MappingProxyType(dict(value))
 
 
 @dataclass(frozen=True)
@@ -411,10 +411,11 @@ def status_from_json(data: Mapping[str, Any]) -> SyncStatus:
     """
     if not isinstance(data, Mapping):
         raise ValueError("sync status must be a JSON object")
+    state_name = _field(data, "state", str)
     try:
-        state = SyncState(_field(data, "state", str))
+        state = SyncState(state_name)
     except ValueError:
-        raise ValueError(f"sync status: unknown state {data.get('state')!r}") from None
+        raise ValueError(f"sync status: unknown state {state_name!r}") from None
     rejected = _field(data, "rejected_properties", dict, {})
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in rejected.items()):
         raise ValueError("sync status: rejected_properties must map strings to strings")

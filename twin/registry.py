@@ -64,6 +64,7 @@ class DeviceView:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     last_seen_at: datetime | None = None
+    online: bool = False
 
     @property
     def subject(self) -> Subject:
@@ -95,6 +96,7 @@ class DeviceView:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "last_seen_at": _iso(self.last_seen_at),
+            "online": self.online,
         }
 
     @classmethod
@@ -111,6 +113,7 @@ class DeviceView:
             created_at=_from_iso(data["created_at"]),
             updated_at=_from_iso(data["updated_at"]),
             last_seen_at=_from_iso(data["last_seen_at"]),
+            online=bool(data.get("online", False)),
         )
 
 
@@ -135,6 +138,7 @@ def view_of(row: Device) -> DeviceView:
         created_at=row.created_at,
         updated_at=row.updated_at,
         last_seen_at=row.last_seen_at,
+        online=row.online,
     )
 
 

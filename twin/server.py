@@ -41,11 +41,12 @@ from twin.change_feed import FeedNotifier
 from twin.coap_tls import add_client_ca, server_ssl_context, start_tls_server
 from twin.database import close_database, open_database
 from twin.device_observers import DeviceObservers, push_changes_forever
-from twin.device_resources import add_device_resources
+from twin.device_resources import DeviceSide, add_device_resources
 from twin.grpc_api.devices import DeviceServicer
 from twin.grpc_api.interceptor import ApiInterceptor
 from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
+from twin.liveness_store import Liveness
 from twin.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def build_grpc_server(
 
 
 def build_coap_site(
-    enroller: Enroller, settings: Settings, notifier: FeedNotifier, observers: DeviceObservers
+    enroller: Enroller, settings: Settings, side: DeviceSide
 ) -> aiocoap.resource.Site:
     """The device-facing CoAP site: discovery, EST-coaps provisioning, device twins."""
     site = aiocoap.resource.Site()
@@ -108,7 +109,7 @@ def build_coap_site(
         aiocoap.resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
     add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
-    add_device_resources(site, notifier, observers)
+    add_device_resources(site, side)
     return site
 
 
@@ -140,6 +141,15 @@ async def start_coap(
         idle_timeout=settings.coaps_idle_seconds,
     )
     return coap, tls
+
+
+async def _sweep_liveness_forever(liveness: Liveness, every_seconds: float) -> None:
+    while True:
+        await asyncio.sleep(every_seconds)
+        try:
+            await liveness.sweep()
+        except Exception:
+            log.exception("marking silent devices offline failed")
 
 
 async def _trust_new_groups_forever(tls: ssl.SSLContext) -> None:
@@ -196,7 +206,8 @@ async def serve(settings: Settings) -> None:
             by_serial=_failure_limiter(settings),
         )
         observers = DeviceObservers()
-        site = build_coap_site(enroller, settings, notifier, observers)
+        liveness = Liveness(notifier, settings.offline_tolerance)
+        site = build_coap_site(enroller, settings, DeviceSide(notifier, observers, liveness))
         coap, tls = await start_coap(settings, site, ca)
         running.push_async_callback(coap.shutdown)
         grpc_server = build_grpc_server(settings, notifier, lambda pem: add_client_ca(tls, pem))
@@ -206,6 +217,7 @@ async def serve(settings: Settings) -> None:
             _trim_feed_forever(retention),
             _trust_new_groups_forever(tls),
             push_changes_forever(notifier, observers),
+            _sweep_liveness_forever(liveness, settings.liveness_sweep_seconds),
         ):
             task = asyncio.create_task(loop_forever)
             running.callback(task.cancel)

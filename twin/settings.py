@@ -40,6 +40,9 @@ class Settings:
     # Failed enrollment attempts allowed per source address and per serial number per window.
     enroll_max_failures: int = 5
     enroll_failure_window_seconds: float = 300.0
+    # A device silent for longer than its profile's heartbeat interval times this is offline.
+    offline_tolerance: float = 2.5
+    liveness_sweep_seconds: float = 5.0
 
     @property
     def is_postgres(self) -> bool:
@@ -99,4 +102,6 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         allow_coap_enrollment=env.get("CITYTWIN_ALLOW_COAP_ENROLLMENT", "") in ("1", "true", "yes"),
         enroll_max_failures=int(_number(env, "CITYTWIN_ENROLL_MAX_FAILURES", 5)),
         enroll_failure_window_seconds=_number(env, "CITYTWIN_ENROLL_FAILURE_WINDOW", 300.0),
+        offline_tolerance=max(1.0, _number(env, "CITYTWIN_OFFLINE_TOLERANCE", 2.5)),
+        liveness_sweep_seconds=max(0.1, _number(env, "CITYTWIN_LIVENESS_SWEEP", 5.0)),
     )

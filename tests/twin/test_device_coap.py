@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
+from citytwin.v1 import profiles_pb2 as pr
 from citytwin.v1 import provisioning_pb2 as p
 from citytwin.v1 import twins_pb2 as t
 from tests.coap_devices import Site, coap_client, enrolled_device, fleet_trust, request
@@ -62,8 +63,8 @@ class Device:
     key: ec.EllipticCurvePrivateKey
 
 
-async def enrolled(site: Site) -> Device:
-    return Device(*await enrolled_device(site))
+async def enrolled(site: Site, model: str = "lamp-led-dimmable") -> Device:
+    return Device(*await enrolled_device(site, model))
 
 
 async def test_reports_in_json_and_cbor_are_committed_before_the_answer(site: Site) -> None:
@@ -223,3 +224,58 @@ async def test_observer_on_another_replica_hears_of_a_grpc_change(tmp_path: Path
         first.stop()
         second.stop()
         await asyncio.to_thread(db.drop)
+
+
+def feed_types(api: Api, device_id: str) -> list[str]:
+    """The change types of a device's feed entries so far."""
+    stream = api.call(
+        api.twins.WatchTwins,
+        t.WatchTwinsRequest(filter=f"id={device_id}", after_cursor="0"),
+        timeout=2,
+    )
+    types: list[str] = []
+    try:
+        for event in stream:
+            types.append(t.ChangeType.Name(event.type))
+    except grpc.RpcError as ended:
+        assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    return types
+
+
+@pytest.mark.server_env({"CITYTWIN_OFFLINE_TOLERANCE": "1", "CITYTWIN_LIVENESS_SWEEP": "0.5"})
+async def test_silent_devices_go_offline_and_come_back(own_site: Site) -> None:
+    site = own_site
+    model = "chatty-lamp"
+    site.api.call(
+        site.api.profiles.CreateProfile,
+        pr.CreateProfileRequest(
+            profile=pr.DeviceProfile(
+                model=model,
+                kind=d.LAMP,
+                heartbeat_interval_seconds=10,
+                properties=[pr.PropertySpec(path="power", type=pr.BOOLEAN, writable=True)],
+            )
+        ),
+    )
+    device = await enrolled(site, model)
+    assert not site.device(device.id).online
+    async with coap_client(site.trust, device.cert, device.key) as coap:
+        beat = await request(coap, site.coaps + "/twin/heartbeat", aiocoap.POST)
+        assert beat.code == Code.CHANGED
+        seen = site.device(device.id)
+        assert seen.online and seen.HasField("last_seen_time")
+        # Silent for longer than 10 s x 1: offline.
+        for _ in range(30):
+            await asyncio.sleep(0.5)
+            if not site.device(device.id).online:
+                break
+        assert not site.device(device.id).online
+        # Any request brings it back.
+        assert (await report(coap, site, b'{"power": true}')).code == Code.CHANGED
+        assert site.device(device.id).online
+    types = await asyncio.to_thread(feed_types, site.api, device.id)
+    assert [x for x in types if x.startswith("DEVICE_O")][:3] == [
+        "DEVICE_ONLINE",
+        "DEVICE_OFFLINE",
+        "DEVICE_ONLINE",
+    ]

@@ -59,6 +59,21 @@ def test_builtin_models_and_kinds() -> None:
     assert builtin_profile("") is None
 
 
+def test_heartbeat_intervals() -> None:
+    assert {p.model: p.heartbeat_interval_seconds for p in BUILTIN_PROFILES} == {
+        "lamp-led-dimmable": 300,
+        "env-sensor": 900,
+        "camera-ip": 60,
+    }
+    assert LAMP is not None
+    for bad in (9, 86_401):
+        with pytest.raises(InvalidArgument, match="heartbeat_interval_seconds"):
+            check_profile(replace(LAMP, builtin=False, heartbeat_interval_seconds=bad))
+    data = profile_to_dict(LAMP)
+    del data["heartbeat_interval_seconds"]  # stored before the field existed
+    assert profile_from_dict(data).heartbeat_interval_seconds == 300
+
+
 def test_builtin_units() -> None:
     assert LAMP is not None and SENSOR is not None
     units = {p.path: p.unit for p in (*LAMP.properties, *SENSOR.properties)}

@@ -22,6 +22,7 @@ def test_builtin_profiles_are_listed(deployment: Deployment) -> None:
     brightness = next(x for x in lamp.properties if x.path == "brightness")
     assert (brightness.type, brightness.minimum, brightness.maximum) == (p.INTEGER, 0, 100)
     assert brightness.writable and lamp.kind == d.LAMP
+    assert lamp.heartbeat_interval_seconds == 300
     with pytest.raises(grpc.RpcError) as info:
         api.call(api.profiles.GetProfile, p.GetProfileRequest(name="profiles/nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -13,7 +13,7 @@ from twin.change_feed import ChangeType
 from twin.errors import InvalidArgument
 from twin.merge_patch import Document, check_patch
 from twin.models import ChangeEntry
-from twin.profiles import Profile, PropertySpec, PropertyType
+from twin.profiles import DEFAULT_HEARTBEAT_SECONDS, Profile, PropertySpec, PropertyType
 from twin.registry import DeviceView, LifecycleState, Location
 from twin.twin_store import TwinView
 
@@ -96,6 +96,7 @@ def device_to_proto(view: DeviceView) -> devices_pb2.Device:
         create_time=timestamp(view.created_at),
         update_time=timestamp(view.updated_at),
         last_seen_time=timestamp(view.last_seen_at),
+        online=view.online,
     )
 
 
@@ -163,6 +164,7 @@ def profile_to_proto(profile: Profile) -> profiles_pb2.DeviceProfile:
         kind=_KIND_ENUMS[profile.kind],
         builtin=profile.builtin,
         description=profile.description,
+        heartbeat_interval_seconds=profile.heartbeat_interval_seconds,
         properties=[
             profiles_pb2.PropertySpec(
                 path=p.path,
@@ -206,4 +208,5 @@ def profile_from_proto(message: profiles_pb2.DeviceProfile) -> Profile:
         kind=kind_from_proto(message.kind),
         properties=tuple(properties),
         description=message.description,
+        heartbeat_interval_seconds=message.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS,
     )

@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63itytwin/v1/devices.proto\x12\x0b\x63itytwin.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x0f\n\x07site_id\x18\x03 \x01(\t\"\xae\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.citytwin.v1.DeviceKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rserial_number\x18\x04 \x01(\t\x12/\n\x06labels\x18\x05 \x03(\x0b\x32\x1f.citytwin.v1.Device.LabelsEntry\x12\'\n\x08location\x18\x06 \x01(\x0b\x32\x15.citytwin.v1.Location\x12*\n\x05state\x18\x07 \x01(\x0e\x32\x1b.citytwin.v1.LifecycleState\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x13\x43reateDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12#\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x13.citytwin.v1.Device\" \n\x10GetDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.citytwin.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"k\n\x13UpdateDeviceRequest\x12#\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x13.citytwin.v1.Device\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\")\n\x19\x44\x65\x63ommissionDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*K\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04LAMP\x10\x01\x12\n\n\x06SENSOR\x10\x02\x12\n\n\x06\x43\x41MERA\x10\x03*r\n\x0eLifecycleState\x12\x1f\n\x1bLIFECYCLE_STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nREGISTERED\x10\x01\x12\x0f\n\x0bPROVISIONED\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\x12\n\x0e\x44\x45\x43OMMISSIONED\x10\x04\x32\x83\x03\n\rDeviceService\x12\x45\n\x0c\x43reateDevice\x12 .citytwin.v1.CreateDeviceRequest\x1a\x13.citytwin.v1.Device\x12?\n\tGetDevice\x12\x1d.citytwin.v1.GetDeviceRequest\x1a\x13.citytwin.v1.Device\x12P\n\x0bListDevices\x12\x1f.citytwin.v1.ListDevicesRequest\x1a .citytwin.v1.ListDevicesResponse\x12\x45\n\x0cUpdateDevice\x12 .citytwin.v1.UpdateDeviceRequest\x1a\x13.citytwin.v1.Device\x12Q\n\x12\x44\x65\x63ommissionDevice\x12&.citytwin.v1.DecommissionDeviceRequest\x1a\x13.citytwin.v1.Deviceb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63itytwin/v1/devices.proto\x12\x0b\x63itytwin.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x08Location\x12\x10\n\x08latitude\x18\x01 \x01(\x01\x12\x11\n\tlongitude\x18\x02 \x01(\x01\x12\x0f\n\x07site_id\x18\x03 \x01(\t\"\xbe\x03\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.citytwin.v1.DeviceKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rserial_number\x18\x04 \x01(\t\x12/\n\x06labels\x18\x05 \x03(\x0b\x32\x1f.citytwin.v1.Device.LabelsEntry\x12\'\n\x08location\x18\x06 \x01(\x0b\x32\x15.citytwin.v1.Location\x12*\n\x05state\x18\x07 \x01(\x0e\x32\x1b.citytwin.v1.LifecycleState\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06online\x18\x0b \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x13\x43reateDeviceRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12#\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x13.citytwin.v1.Device\" \n\x10GetDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"K\n\x12ListDevicesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"T\n\x13ListDevicesResponse\x12$\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x13.citytwin.v1.Device\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"k\n\x13UpdateDeviceRequest\x12#\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x13.citytwin.v1.Device\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\")\n\x19\x44\x65\x63ommissionDeviceRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*K\n\nDeviceKind\x12\x1b\n\x17\x44\x45VICE_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04LAMP\x10\x01\x12\n\n\x06SENSOR\x10\x02\x12\n\n\x06\x43\x41MERA\x10\x03*r\n\x0eLifecycleState\x12\x1f\n\x1bLIFECYCLE_STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nREGISTERED\x10\x01\x12\x0f\n\x0bPROVISIONED\x10\x02\x12\n\n\x06\x41\x43TIVE\x10\x03\x12\x12\n\x0e\x44\x45\x43OMMISSIONED\x10\x04\x32\x83\x03\n\rDeviceService\x12\x45\n\x0c\x43reateDevice\x12 .citytwin.v1.CreateDeviceRequest\x1a\x13.citytwin.v1.Device\x12?\n\tGetDevice\x12\x1d.citytwin.v1.GetDeviceRequest\x1a\x13.citytwin.v1.Device\x12P\n\x0bListDevices\x12\x1f.citytwin.v1.ListDevicesRequest\x1a .citytwin.v1.ListDevicesResponse\x12\x45\n\x0cUpdateDevice\x12 .citytwin.v1.UpdateDeviceRequest\x1a\x13.citytwin.v1.Device\x12Q\n\x12\x44\x65\x63ommissionDevice\x12&.citytwin.v1.DecommissionDeviceRequest\x1a\x13.citytwin.v1.Deviceb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DEVICE_LABELSENTRY']._loaded_options = None
   _globals['_DEVICE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_DEVICEKIND']._serialized_start=1036
-  _globals['_DEVICEKIND']._serialized_end=1111
-  _globals['_LIFECYCLESTATE']._serialized_start=1113
-  _globals['_LIFECYCLESTATE']._serialized_end=1227
+  _globals['_DEVICEKIND']._serialized_start=1052
+  _globals['_DEVICEKIND']._serialized_end=1127
+  _globals['_LIFECYCLESTATE']._serialized_start=1129
+  _globals['_LIFECYCLESTATE']._serialized_end=1243
   _globals['_LOCATION']._serialized_start=109
   _globals['_LOCATION']._serialized_end=173
   _globals['_DEVICE']._serialized_start=176
-  _globals['_DEVICE']._serialized_end=606
-  _globals['_DEVICE_LABELSENTRY']._serialized_start=561
-  _globals['_DEVICE_LABELSENTRY']._serialized_end=606
-  _globals['_CREATEDEVICEREQUEST']._serialized_start=608
-  _globals['_CREATEDEVICEREQUEST']._serialized_end=685
-  _globals['_GETDEVICEREQUEST']._serialized_start=687
-  _globals['_GETDEVICEREQUEST']._serialized_end=719
-  _globals['_LISTDEVICESREQUEST']._serialized_start=721
-  _globals['_LISTDEVICESREQUEST']._serialized_end=796
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=798
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=882
-  _globals['_UPDATEDEVICEREQUEST']._serialized_start=884
-  _globals['_UPDATEDEVICEREQUEST']._serialized_end=991
-  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_start=993
-  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_end=1034
-  _globals['_DEVICESERVICE']._serialized_start=1230
-  _globals['_DEVICESERVICE']._serialized_end=1617
+  _globals['_DEVICE']._serialized_end=622
+  _globals['_DEVICE_LABELSENTRY']._serialized_start=577
+  _globals['_DEVICE_LABELSENTRY']._serialized_end=622
+  _globals['_CREATEDEVICEREQUEST']._serialized_start=624
+  _globals['_CREATEDEVICEREQUEST']._serialized_end=701
+  _globals['_GETDEVICEREQUEST']._serialized_start=703
+  _globals['_GETDEVICEREQUEST']._serialized_end=735
+  _globals['_LISTDEVICESREQUEST']._serialized_start=737
+  _globals['_LISTDEVICESREQUEST']._serialized_end=812
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=814
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=898
+  _globals['_UPDATEDEVICEREQUEST']._serialized_start=900
+  _globals['_UPDATEDEVICEREQUEST']._serialized_end=1007
+  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_start=1009
+  _globals['_DECOMMISSIONDEVICEREQUEST']._serialized_end=1050
+  _globals['_DEVICESERVICE']._serialized_start=1246
+  _globals['_DEVICESERVICE']._serialized_end=1633
 # @@protoc_insertion_point(module_scope)

@@ -149,6 +149,7 @@ class Device(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    ONLINE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `devices/{device_id}`. Output only; set through `device_id` on create."""
     kind: Global___DeviceKind.ValueType
@@ -163,6 +164,11 @@ class Device(_message.Message):
     """
     state: Global___LifecycleState.ValueType
     """Lifecycle state. Output only."""
+    online: _builtins.bool
+    """Whether the device has been heard from within its profile's heartbeat interval times the
+    service's tolerance. Changes are DEVICE_ONLINE / DEVICE_OFFLINE events in the change feed.
+    Output only.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free labels used by selectors, e.g. `district=north`, `street=main`. Keys are lower-case
@@ -183,7 +189,9 @@ class Device(_message.Message):
 
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
-        """When the device itself was last heard from; unset if never. Output only."""
+        """When the device itself was last heard from over CoAP (a report, an observation, a
+        heartbeat); unset if never. Recorded at most every few seconds. Output only.
+        """
 
     def __init__(
         self,
@@ -198,10 +206,11 @@ class Device(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        online: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_seen_time", b"last_seen_time", "location", b"location", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "labels", b"labels", "last_seen_time", b"last_seen_time", "location", b"location", "model", b"model", "name", b"name", "serial_number", b"serial_number", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "kind", b"kind", "labels", b"labels", "last_seen_time", b"last_seen_time", "location", b"location", "model", b"model", "name", b"name", "online", b"online", "serial_number", b"serial_number", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

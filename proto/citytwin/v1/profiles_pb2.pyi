@@ -145,6 +145,7 @@ class DeviceProfile(_message.Message):
     PROPERTIES_FIELD_NUMBER: _builtins.int
     BUILTIN_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `profiles/{model}`. Output only."""
     model: _builtins.str
@@ -155,6 +156,12 @@ class DeviceProfile(_message.Message):
     """Whether the profile ships with citytwin. Output only."""
     description: _builtins.str
     """What the model is, for people."""
+    heartbeat_interval_seconds: _builtins.int
+    """How often (seconds) a device of this model contacts the service at least: a report, an
+    observation or a heartbeat (`POST /twin/heartbeat`). A device silent for longer than this
+    times the service's tolerance (CITYTWIN_OFFLINE_TOLERANCE) goes offline. 10-86400; 0 on
+    create means 300.
+    """
     @_builtins.property
     def properties(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertySpec]:
         """The properties. Properties not listed are refused in both desired and reported state."""
@@ -168,10 +175,11 @@ class DeviceProfile(_message.Message):
         properties: _abc.Iterable[Global___PropertySpec] | None = ...,
         builtin: _builtins.bool = ...,
         description: _builtins.str = ...,
+        heartbeat_interval_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "description", b"description", "kind", b"kind", "model", b"model", "name", b"name", "properties", b"properties"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "description", b"description", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "kind", b"kind", "model", b"model", "name", b"name", "properties", b"properties"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

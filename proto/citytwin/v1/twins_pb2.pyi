@@ -40,6 +40,14 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     """The desired document changed; `patch` is the merge patch that was applied."""
     REPORTED_UPDATED: _ChangeType.ValueType  # 5
     """The reported document changed; `patch` is the merge patch that was applied."""
+    DEVICE_ONLINE: _ChangeType.ValueType  # 6
+    """The device was heard from after being offline (or for the first time); `device` holds it
+    after, with `last_seen_time`.
+    """
+    DEVICE_OFFLINE: _ChangeType.ValueType  # 7
+    """The device has been silent for longer than its heartbeat interval times the tolerance;
+    `device` holds it after.
+    """
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """What happened in a change feed entry."""
@@ -56,6 +64,14 @@ DESIRED_UPDATED: ChangeType.ValueType  # 4
 """The desired document changed; `patch` is the merge patch that was applied."""
 REPORTED_UPDATED: ChangeType.ValueType  # 5
 """The reported document changed; `patch` is the merge patch that was applied."""
+DEVICE_ONLINE: ChangeType.ValueType  # 6
+"""The device was heard from after being offline (or for the first time); `device` holds it
+after, with `last_seen_time`.
+"""
+DEVICE_OFFLINE: ChangeType.ValueType  # 7
+"""The device has been silent for longer than its heartbeat interval times the tolerance;
+`device` holds it after.
+"""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final

@@ -1,0 +1,102 @@
+"""Device liveness in the database: recording that a device was heard from, and marking
+silent devices offline. Both transitions are change-feed events.
+
+`Liveness.seen` is called on every CoAP request a device makes. Writing `last_seen_at` on each
+would double the writes of a reporting fleet, so each replica writes it at most every
+`WRITE_EVERY_SECONDS` per device; an offline device coming back is always written at once.
+`sweep` runs on every replica: the offline transition is a conditional update, so when two
+replicas sweep together only one records it.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from tortoise.transactions import in_transaction
+
+from twin import change_feed
+from twin.change_feed import ChangeType, FeedNotifier, NewEntry
+from twin.models import Device
+from twin.profile_store import get_profile
+from twin.registry import LifecycleState, view_of
+
+# Finer than any heartbeat interval (>= 10 s) times any tolerance (>= 1).
+WRITE_EVERY_SECONDS = 5.0
+_TRACKED_LIMIT = 200_000
+
+
+class Liveness:
+    """Last-seen bookkeeping for one process."""
+
+    def __init__(self, notifier: FeedNotifier, tolerance: float) -> None:
+        if tolerance < 1:
+            raise ValueError("the offline tolerance must be at least 1")
+        self.notifier = notifier
+        self.tolerance = tolerance
+        # device id -> monotonic time this replica last wrote its last_seen_at
+        self._written: dict[str, float] = {}
+
+    async def seen(self, device_id: str) -> None:
+        """Record that `device_id` was heard from now (throttled, see the module docstring)."""
+        now = time.monotonic()
+        last = self._written.get(device_id)
+        if last is not None and now - last < WRITE_EVERY_SECONDS:
+            return
+        if len(self._written) >= _TRACKED_LIMIT:
+            self._written.clear()
+        self._written[device_id] = now
+        came_online = False
+        async with in_transaction() as conn:
+            row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
+            if row is None or row.state == LifecycleState.DECOMMISSIONED:
+                return
+            row.last_seen_at = datetime.now(UTC)
+            came_online = not row.online
+            row.online = True
+            await row.save(using_db=conn, update_fields=["last_seen_at", "online"])
+            if came_online:
+                view = view_of(row)
+                await change_feed.append(
+                    conn,
+                    [NewEntry(view.subject, ChangeType.DEVICE_ONLINE, device=view.to_json())],
+                )
+        if came_online:
+            self.notifier.wake()
+
+    async def sweep(self) -> int:
+        """Mark offline every online device silent for longer than its profile's heartbeat
+        interval times the tolerance; returns how many this call marked."""
+        marked = 0
+        now = datetime.now(UTC)
+        models = await Device.filter(online=True).distinct().values_list("model", flat=True)
+        for model in models:
+            profile = await get_profile(str(model))
+            silent_since = now - timedelta(
+                seconds=profile.heartbeat_interval_seconds * self.tolerance
+            )
+            silent = await Device.filter(
+                online=True, model=model, last_seen_at__lt=silent_since
+            ).values_list("id", flat=True)
+            for device_id in silent:
+                marked += await self._mark_offline(str(device_id), silent_since)
+        if marked:
+            self.notifier.wake()
+        return marked
+
+    async def _mark_offline(self, device_id: str, silent_since: datetime) -> int:
+        async with in_transaction() as conn:
+            changed = await (
+                Device.filter(id=device_id, online=True, last_seen_at__lt=silent_since)
+                .using_db(conn)
+                .update(online=False)
+            )
+            if not changed:
+                return 0  # heard from meanwhile, or another replica got there first
+            row = await Device.filter(id=device_id).using_db(conn).get()
+            view = view_of(row)
+            await change_feed.append(
+                conn, [NewEntry(view.subject, ChangeType.DEVICE_OFFLINE, device=view.to_json())]
+            )
+        self._written.pop(device_id, None)
+        return 1
