@@ -53,8 +53,18 @@ LAMP_LED_DIMMABLE = Profile(
             _S,
             writable=True,
             max_length=32,
-            description='When the step starts: "HH:MM" local time, or "sunset"/"sunrise"'
-            ' with an offset such as "sunset+00:30"',
+            description='When the step starts: "HH:MM" local time, or "sunset", "sunrise",'
+            ' "dusk" or "dawn" at the lamp\'s location, optionally with an offset such as'
+            ' "sunset+00:30"',
+        ),
+        PropertySpec(
+            "dimming_schedule[].offset_minutes",
+            _I,
+            writable=True,
+            minimum=-720,
+            maximum=720,
+            unit="min",
+            description="Offset from the sun event named in `at` (instead of an inline one)",
         ),
         PropertySpec(
             "dimming_schedule[].level",
