@@ -178,14 +178,18 @@ class Site:
         return f"coap://127.0.0.1:{self.server.coap_port}"
 
     def enroll_code(
-        self, serial: str, district: str = "north", model: str = "lamp-led-dimmable"
+        self,
+        serial: str,
+        district: str = "north",
+        model: str = "lamp-led-dimmable",
+        kind: d.DeviceKind.ValueType = d.LAMP,
     ) -> tuple[str, str]:
-        """Register a lamp with an enrollment; (device id, code)."""
+        """Register a device (a lamp by default) with an enrollment; (device id, code)."""
         response = self.api.call(
             self.api.provisioning.CreateEnrollment,
             p.CreateEnrollmentRequest(
                 device=d.Device(
-                    kind=d.LAMP,
+                    kind=kind,
                     model=model,
                     serial_number=serial,
                     labels={"district": district},
@@ -228,11 +232,11 @@ async def post_csr(
 
 
 async def enrolled_device(
-    site: Site, model: str = "lamp-led-dimmable"
+    site: Site, model: str = "lamp-led-dimmable", kind: d.DeviceKind.ValueType = d.LAMP
 ) -> tuple[str, x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A lamp registered, enrolled with a code over coaps+tcp: (id, certificate, key)."""
+    """A device registered, enrolled with a code over coaps+tcp: (id, certificate, key)."""
     serial = unique("SN")
-    device_id, code = site.enroll_code(serial, model=model)
+    device_id, code = site.enroll_code(serial, model=model, kind=kind)
     key = new_key()
     async with coap_client(site.trust) as tls:
         response = await post_csr(tls, site.coaps + "/est/sen", make_csr(key, serial, code))

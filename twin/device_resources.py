@@ -8,6 +8,7 @@ device (its principal is scoped to itself).
 * `GET /twin/desired`, `GET /twin/delta`: observable (RFC 7641); a change reaches observers at
   once through the change feed (see device_observers.py). Each answer carries an ETag, so a
   device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed.
+* `POST /twin/telemetry`: measurements as SenML (RFC 8428), see telemetry_store.py.
 * `POST /twin/heartbeat`: nothing but "I am here", for devices with nothing to report.
 
 Every request a device makes counts as a sign of life (liveness_store.py).
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiocoap
@@ -39,7 +41,10 @@ from twin.device_payloads import (
     encode_document,
     etag_of,
 )
+from twin.errors import InvalidArgument
 from twin.liveness_store import Liveness
+from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
+from twin.telemetry_store import record_telemetry
 from twin.twin_store import TwinView, get_twin, update_document
 
 
@@ -189,6 +194,36 @@ class DeltaState(_ObservedDocument):
         return twin.delta
 
 
+class Telemetry(BoundedResource):
+    """`/twin/telemetry`: POST measurements as SenML (CBOR 112 or JSON 110); each is kept as
+    a sample and the latest of each lands in the reported state. 2.04 once committed."""
+
+    rt = "citytwin.telemetry"
+    ct = f"{SENML_JSON} {SENML_CBOR}"
+
+    def __init__(self, side: DeviceSide) -> None:
+        super().__init__(max_body_bytes=MAX_REPORT_BYTES)
+        self.side = side
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        """Decode, validate against the profile, store."""
+        content_format = require_content_format(request, SENML_JSON, SENML_CBOR)
+        try:
+            measurements = decode_pack(request.payload, content_format, now=datetime.now(UTC))
+        except SenmlError as bad:
+            raise InvalidArgument(f"body is not valid SenML: {bad}") from None
+        identity = await self.side.device(request)
+        twin = await record_telemetry(
+            identity.device_id,
+            measurements,
+            device_principal(identity.device_id),
+            self.side.notifier,
+        )
+        response = aiocoap.Message(code=Code.CHANGED)
+        response.opt.etag = twin.version.to_bytes(8, "big")
+        return response
+
+
 class Heartbeat(BoundedResource):
     """`/twin/heartbeat`: POST (empty) to say the device is alive; 2.04."""
 
@@ -210,4 +245,5 @@ def add_device_resources(site: aiocoap.resource.Site, side: DeviceSide) -> None:
     site.add_resource(["twin", "reported"], ReportedState(side))
     site.add_resource(["twin", "desired"], DesiredState(side))
     site.add_resource(["twin", "delta"], DeltaState(side))
+    site.add_resource(["twin", "telemetry"], Telemetry(side))
     site.add_resource(["twin", "heartbeat"], Heartbeat(side))

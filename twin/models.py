@@ -98,3 +98,20 @@ class FeedState(Model):
 
     class Meta:
         table = "feed_state"
+
+
+class TelemetrySample(Model):
+    """One measurement a device sent as SenML, kept for the telemetry retention period."""
+
+    id = fields.BigIntField(primary_key=True)
+    device_id = fields.CharField(max_length=63)
+    name = fields.CharField(max_length=128)
+    at = fields.DatetimeField()
+    number = fields.FloatField(null=True)
+    text = fields.CharField(max_length=256, null=True)
+    flag = fields.BooleanField(null=True)
+    unit = fields.CharField(max_length=32, default="")
+
+    class Meta:
+        table = "telemetry_sample"
+        indexes = (("device_id", "name", "at"), ("at",))

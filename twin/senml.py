@@ -26,7 +26,7 @@ from typing import Final, TypeAlias
 
 import cbor2
 
-from twin.merge_patch import JSON, Document
+from twin.merge_patch import Document
 
 SENML_JSON: Final = 110
 SENML_CBOR: Final = 112
@@ -145,37 +145,33 @@ def latest_values(measurements: Iterable[Measurement]) -> dict[str, Measurement]
 
 
 def reported_patch(latest: Mapping[str, Measurement]) -> Document:
-    """A JSON merge patch putting `latest` under the reported state's `telemetry` member.
+    """A JSON merge patch setting each measurement's property in the reported state to its
+    latest value: a measurement is named after the profile property it measures, with dots
+    for nesting (`noise_db`, `energy.total_wh` -> `{"energy": {"total_wh": ...}}`), so the
+    profile validates it like any report. Sum-only records contribute their sum.
 
-    The shape is `{"telemetry": {<key>: {"value", "unit", "sum", "time"}}}`, one member per key
-    of `latest`, the key used verbatim. SenML names may contain `.`, `/` and `:`, and splitting
-    on any of them would be a guess: `a.b` and `a/b` would collide, and a name that is a prefix
-    of another (`temp` and `temp.max`) would have to be a value and an object at once.
-
-    Absent unit, sum or value are null, so that merging the patch removes what an earlier
-    measurement of that name left behind. Data values (bytes) become unpadded base64url text,
-    as in SenML JSON; `time` is RFC 3339 UTC with microseconds, e.g.
-    `2010-06-08T18:01:16.001000Z`.
+    SenmlError for a name that is not a property path (empty or `[` `]` parts), for a data
+    value (bytes have no place in a twin), or for a name that is both a value and a prefix of
+    another name in the same pack.
     """
-    telemetry: Document = {}
-    for key, measurement in latest.items():
-        telemetry[key] = {
-            "value": _json_value(measurement.value),
-            "unit": measurement.unit,
-            "sum": measurement.sum,
-            "time": _rfc3339(measurement.time),
-        }
-    return {"telemetry": telemetry}
-
-
-def _json_value(value: float | str | bool | bytes | None) -> JSON:
-    if isinstance(value, bytes):
-        return base64.urlsafe_b64encode(value).decode("ascii").rstrip("=")
-    return value
-
-
-def _rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    patch: Document = {}
+    for name, measurement in latest.items():
+        parts = name.split(".")
+        if any(not part or "[" in part or "]" in part for part in parts):
+            raise SenmlError(f"measurement {name!r} does not name a property")
+        value = measurement.value if measurement.value is not None else measurement.sum
+        if isinstance(value, bytes):
+            raise SenmlError(f"measurement {name!r}: data values cannot be stored in a twin")
+        node = patch
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SenmlError(f"measurement {name!r} nests under another measurement's value")
+            node = child
+        if isinstance(node.get(parts[-1]), dict):
+            raise SenmlError(f"measurement {name!r} is also the prefix of another measurement")
+        node[parts[-1]] = value
+    return patch
 
 
 class _RepeatedLabel:

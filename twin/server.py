@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import aiocoap
@@ -48,6 +48,7 @@ from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
 from twin.liveness_store import Liveness
 from twin.settings import Settings
+from twin.telemetry_store import trim_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -143,15 +144,6 @@ async def start_coap(
     return coap, tls
 
 
-async def _sweep_liveness_forever(liveness: Liveness, every_seconds: float) -> None:
-    while True:
-        await asyncio.sleep(every_seconds)
-        try:
-            await liveness.sweep()
-        except Exception:
-            log.exception("marking silent devices offline failed")
-
-
 async def _trust_new_groups_forever(tls: ssl.SSLContext) -> None:
     """Enrollment groups created on any replica become trusted client CAs here too (removed
     ones stay in the TLS trust store until restart, but are refused by the enroller)."""
@@ -167,15 +159,16 @@ async def _trust_new_groups_forever(tls: ssl.SSLContext) -> None:
             log.exception("refreshing the trusted enrollment-group CAs failed")
 
 
-async def _trim_feed_forever(retention: timedelta) -> None:
+async def _every(seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `work` every `seconds` for ever; a failure is logged and retried next time."""
     while True:
-        await asyncio.sleep(_TRIM_INTERVAL_SECONDS)
+        await asyncio.sleep(seconds)
         try:
-            deleted = await change_feed.trim(retention)
-            if deleted:
-                log.info("trimmed change feed", extra={"deleted": deleted})
+            done = await work()
+            if done:
+                log.info(what, extra={"count": done})
         except Exception:
-            log.exception("trimming the change feed failed")
+            log.exception("%s failed", what)
 
 
 def _failure_limiter(settings: Settings) -> FailureLimiter:
@@ -213,11 +206,17 @@ async def serve(settings: Settings) -> None:
         grpc_server = build_grpc_server(settings, notifier, lambda pem: add_client_ca(tls, pem))
         await grpc_server.start()
         running.push_async_callback(grpc_server.stop, 2.0)
+        telemetry_retention = timedelta(seconds=settings.telemetry_retention_seconds)
         for loop_forever in (
-            _trim_feed_forever(retention),
+            _every(_TRIM_INTERVAL_SECONDS, lambda: change_feed.trim(retention), "feed trimmed"),
+            _every(
+                _TRIM_INTERVAL_SECONDS,
+                lambda: trim_telemetry(telemetry_retention),
+                "telemetry trimmed",
+            ),
+            _every(settings.liveness_sweep_seconds, liveness.sweep, "devices went offline"),
             _trust_new_groups_forever(tls),
             push_changes_forever(notifier, observers),
-            _sweep_liveness_forever(liveness, settings.liveness_sweep_seconds),
         ):
             task = asyncio.create_task(loop_forever)
             running.callback(task.cancel)

@@ -43,6 +43,7 @@ class Settings:
     # A device silent for longer than its profile's heartbeat interval times this is offline.
     offline_tolerance: float = 2.5
     liveness_sweep_seconds: float = 5.0
+    telemetry_retention_seconds: int = 30 * 24 * 3600
 
     @property
     def is_postgres(self) -> bool:
@@ -104,4 +105,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         enroll_failure_window_seconds=_number(env, "CITYTWIN_ENROLL_FAILURE_WINDOW", 300.0),
         offline_tolerance=max(1.0, _number(env, "CITYTWIN_OFFLINE_TOLERANCE", 2.5)),
         liveness_sweep_seconds=max(0.1, _number(env, "CITYTWIN_LIVENESS_SWEEP", 5.0)),
+        telemetry_retention_seconds=int(
+            _number(env, "CITYTWIN_TELEMETRY_RETENTION", 30 * 24 * 3600)
+        ),
     )

@@ -8,7 +8,7 @@ metadata, bumps the version and appends the change-feed entry.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -119,8 +119,10 @@ async def update_document(
     expected_version: int,
     principal: Principal,
     notifier: FeedNotifier,
+    also: Callable[[BaseDBAsyncClient], Awaitable[None]] | None = None,
 ) -> TwinView:
-    """Apply a merge patch to one device's desired or reported document."""
+    """Apply a merge patch to one device's desired or reported document; `also` writes more
+    rows in the same transaction (such as the telemetry samples a report came with)."""
     device = await get_device(device_id, principal)
     if device.state == LifecycleState.DECOMMISSIONED:
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
@@ -133,6 +135,8 @@ async def update_document(
                 f"not the expected {expected_version}"
             )
         applied = _apply(row, which, patch, datetime.now(UTC))
+        if also is not None:
+            await also(conn)
         # The first report makes the device ACTIVE, even one that changes nothing.
         first_report = which == "reported" and device.state != LifecycleState.ACTIVE
         if first_report:

@@ -12,7 +12,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from twin.merge_patch import apply_merge_patch, check_patch
+from twin.merge_patch import check_patch
 from twin.senml import (
     MAX_NAME_LENGTH,
     MAX_RECORDS,
@@ -753,92 +753,42 @@ def test_latest_values_of_an_rfc_pack() -> None:
     assert latest_values(measured) == {OW: MULTIPLE_MEASUREMENTS_RESOLVED[-1]}
 
 
-def test_reported_patch() -> None:
+def test_reported_patch_sets_the_measured_properties() -> None:
     latest = latest_values(
         [
-            m("lamp-7.lux", "lx", 120.5, datetime(2026, 5, 1, 12, 0, 0, 1000, tzinfo=UTC)),
-            m("lamp-7/door", None, True),
-            m("urn:dev:ow:1:label", None, "Machine Room"),
-            m("cam:jpeg-thumb", None, b"\xfb\xff\x00", update_time=60),
-            m("meter:energy", "J", None, sum=1500.0),
+            m("noise_db", "dB", 61.5),
+            m("energy.total_wh", "Wh", 1200.0),
+            m("energy.power_w", "W", None, sum=35.0),
+            m("parking_occupied", None, True),
+            m("label", None, "Machine Room"),
         ]
     )
-    assert reported_patch(latest) == {
-        "telemetry": {
-            # Names are single keys, dots and all.
-            "lamp-7.lux": {
-                "value": 120.5,
-                "unit": "lx",
-                "sum": None,
-                "time": "2026-05-01T12:00:00.001000Z",
-            },
-            "lamp-7/door": {
-                "value": True,
-                "unit": None,
-                "sum": None,
-                "time": "2026-05-01T12:00:00.000000Z",
-            },
-            "urn:dev:ow:1:label": {
-                "value": "Machine Room",
-                "unit": None,
-                "sum": None,
-                "time": "2026-05-01T12:00:00.000000Z",
-            },
-            "cam:jpeg-thumb": {
-                "value": "-_8A",
-                "unit": None,
-                "sum": None,
-                "time": "2026-05-01T12:00:00.000000Z",
-            },
-            "meter:energy": {
-                "value": None,
-                "unit": "J",
-                "sum": 1500.0,
-                "time": "2026-05-01T12:00:00.000000Z",
-            },
-        }
+    patch = reported_patch(latest)
+    assert patch == {
+        "noise_db": 61.5,
+        "energy": {"total_wh": 1200.0, "power_w": 35.0},
+        "parking_occupied": True,
+        "label": "Machine Room",
     }
-    assert reported_patch({}) == {"telemetry": {}}
+    assert check_patch(patch) == patch
+    assert reported_patch({}) == {}
 
 
-def test_reported_patch_is_json_and_replaces_stale_members() -> None:
-    earlier = reported_patch({"m:x": m("m:x", "W", 5.0, sum=10.0)})
-    later = reported_patch({"m:x": m("m:x", None, "off", NOW + timedelta(seconds=1))})
-    json.dumps(later, allow_nan=False)
-    reported = apply_merge_patch(apply_merge_patch({"power": 1}, earlier), later)
-    assert reported == {
-        "power": 1,
-        "telemetry": {"m:x": {"value": "off", "time": "2026-05-01T12:00:01.000000Z"}},
-    }
+@pytest.mark.parametrize(
+    ("names", "words"),
+    [
+        (["a..b"], "does not name a property"),
+        (["a[0]"], "does not name a property"),
+        (["energy", "energy.total_wh"], "nests under"),
+        (["energy.total_wh", "energy"], "prefix of another"),
+    ],
+)
+def test_reported_patch_refuses_names_that_are_not_properties(names: list[str], words: str) -> None:
+    latest = latest_values([m(name, None, 1.0) for name in names])
+    with pytest.raises(SenmlError, match=words):
+        reported_patch(latest)
 
 
-def test_reported_patch_of_decoded_telemetry_passes_the_patch_checks() -> None:
-    # Names without dots (this pack's) are acceptable twin keys as they are.
-    measurements = decode_pack(COLLECTION_OF_RESOURCES.encode(), SENML_JSON, now=NOW)
-    patch = reported_patch(latest_values(measurements))
-    assert check_patch(patch)["telemetry"] == {
-        "2001:db8::2/temperature": {
-            "value": 25.2,
-            "unit": "Cel",
-            "sum": None,
-            "time": "2011-10-31T16:27:09.000000Z",
-        },
-        "2001:db8::2/humidity": {
-            "value": 30,
-            "unit": "%RH",
-            "sum": None,
-            "time": "2011-10-31T16:27:09.000000Z",
-        },
-        "2001:db8::1/temperature": {
-            "value": 12.3,
-            "unit": "Cel",
-            "sum": None,
-            "time": "2011-10-31T16:27:09.000000Z",
-        },
-        "2001:db8::1/humidity": {
-            "value": 67,
-            "unit": "%RH",
-            "sum": None,
-            "time": "2011-10-31T16:27:09.000000Z",
-        },
-    }
+def test_reported_patch_refuses_data_values() -> None:
+    with pytest.raises(SenmlError, match="data values"):
+        reported_patch({"thumb": m("thumb", None, b"\x00")})

@@ -15,6 +15,7 @@ from twin.merge_patch import Document, check_patch
 from twin.models import ChangeEntry
 from twin.profiles import DEFAULT_HEARTBEAT_SECONDS, Profile, PropertySpec, PropertyType
 from twin.registry import DeviceView, LifecycleState, Location
+from twin.telemetry_store import Sample
 from twin.twin_store import TwinView
 
 _KINDS = {
@@ -210,3 +211,17 @@ def profile_from_proto(message: profiles_pb2.DeviceProfile) -> Profile:
         description=message.description,
         heartbeat_interval_seconds=message.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS,
     )
+
+
+def sample_to_proto(sample: Sample) -> twins_pb2.TelemetrySample:
+    """A stored telemetry sample as a message."""
+    message = twins_pb2.TelemetrySample(
+        measurement=sample.name, time=timestamp(sample.at), unit=sample.unit
+    )
+    if isinstance(sample.value, bool):
+        message.bool_value = sample.value
+    elif isinstance(sample.value, str):
+        message.string_value = sample.value
+    elif sample.value is not None:
+        message.number_value = sample.value
+    return message

@@ -40,6 +40,7 @@ METHOD_PERMISSIONS: dict[str, Permission] = {
     "/citytwin.v1.TwinService/BulkUpdateDesired": Permission.DESIRED_WRITE,
     "/citytwin.v1.TwinService/QueryTwins": Permission.TWINS_READ,
     "/citytwin.v1.TwinService/WatchTwins": Permission.FEED_WATCH,
+    "/citytwin.v1.TwinService/ReadTelemetry": Permission.TWINS_READ,
     "/citytwin.v1.ProfileService/GetProfile": Permission.PROFILES_READ,
     "/citytwin.v1.ProfileService/ListProfiles": Permission.PROFILES_READ,
     "/citytwin.v1.ProfileService/CreateProfile": Permission.PROFILES_WRITE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 from citytwin.v1 import twins_pb2, twins_pb2_grpc
@@ -13,10 +14,12 @@ from twin.grpc_api.convert import (
     change_to_proto,
     device_id_from_name,
     patch_from_struct,
+    sample_to_proto,
     twin_to_proto,
 )
 from twin.grpc_api.interceptor import current_principal
 from twin.selectors import parse_selector
+from twin.telemetry_store import read_telemetry
 
 
 class TwinServicer(twins_pb2_grpc.TwinServiceServicer):
@@ -92,3 +95,19 @@ class TwinServicer(twins_pb2_grpc.TwinServiceServicer):
         selector = selector.combine(current_principal().scope)
         async for entry in change_feed.watch(self._notifier, selector, request.after_cursor):
             yield change_to_proto(entry)
+
+    async def ReadTelemetry(
+        self, request: twins_pb2.ReadTelemetryRequest, context: Any
+    ) -> twins_pb2.ReadTelemetryResponse:
+        page, token = await read_telemetry(
+            device_id_from_name(request.name),
+            request.measurement,
+            request.start_time.ToDatetime(UTC) if request.HasField("start_time") else None,
+            request.end_time.ToDatetime(UTC) if request.HasField("end_time") else None,
+            request.page_size,
+            request.page_token,
+            current_principal(),
+        )
+        return twins_pb2.ReadTelemetryResponse(
+            samples=[sample_to_proto(sample) for sample in page], next_page_token=token
+        )

@@ -421,3 +421,125 @@ class ChangeEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChangeEvent: _TypeAlias = ChangeEvent  # noqa: Y015
+
+@_typing.final
+class ReadTelemetryRequest(_message.Message):
+    """Request for TwinService.ReadTelemetry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MEASUREMENT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The device, `devices/{device_id}`."""
+    measurement: _builtins.str
+    """Only samples of this measurement (a property path such as `noise_db` or
+    `energy.total_wh`); empty for all.
+    """
+    page_size: _builtins.int
+    """Most samples to return; 0 means 50, larger values are capped at 1000."""
+    page_token: _builtins.str
+    """`next_page_token` of the previous page; only valid with the same other fields."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Earliest sample time, inclusive; unset for the oldest kept."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Latest sample time, exclusive; unset for now."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        measurement: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "measurement", b"measurement", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadTelemetryRequest: _TypeAlias = ReadTelemetryRequest  # noqa: Y015
+
+@_typing.final
+class TelemetrySample(_message.Message):
+    """One measurement a device sent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEASUREMENT_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    NUMBER_VALUE_FIELD_NUMBER: _builtins.int
+    STRING_VALUE_FIELD_NUMBER: _builtins.int
+    BOOL_VALUE_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    measurement: _builtins.str
+    """The measurement's name: the property path it measures."""
+    number_value: _builtins.float
+    """A numeric value (SenML `v`, or `s` for a sum-only record)."""
+    string_value: _builtins.str
+    """A string value (SenML `vs`)."""
+    bool_value: _builtins.bool
+    """A boolean value (SenML `vb`)."""
+    unit: _builtins.str
+    """The SenML unit, e.g. `dB` or `Wh`; empty if none was sent."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it was measured (the SenML time, resolved)."""
+
+    def __init__(
+        self,
+        *,
+        measurement: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        number_value: _builtins.float = ...,
+        string_value: _builtins.str = ...,
+        bool_value: _builtins.bool = ...,
+        unit: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "number_value", b"number_value", "string_value", b"string_value", "time", b"time", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_value", b"bool_value", "measurement", b"measurement", "number_value", b"number_value", "string_value", b"string_value", "time", b"time", "unit", b"unit", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_value: _TypeAlias = _typing.Literal["number_value", "string_value", "bool_value"]  # noqa: Y015
+    _WhichOneofArgType_value: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_value) -> _WhichOneofReturnType_value | None: ...
+
+Global___TelemetrySample: _TypeAlias = TelemetrySample  # noqa: Y015
+
+@_typing.final
+class ReadTelemetryResponse(_message.Message):
+    """Response of TwinService.ReadTelemetry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___TelemetrySample]:
+        """The samples of this page, oldest first."""
+
+    def __init__(
+        self,
+        *,
+        samples: _abc.Iterable[Global___TelemetrySample] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadTelemetryResponse: _TypeAlias = ReadTelemetryResponse  # noqa: Y015

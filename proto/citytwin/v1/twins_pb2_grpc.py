@@ -70,6 +70,11 @@ class TwinServiceStub:
                 request_serializer=citytwin_dot_v1_dot_twins__pb2.WatchTwinsRequest.SerializeToString,
                 response_deserializer=citytwin_dot_v1_dot_twins__pb2.ChangeEvent.FromString,
                 _registered_method=True)
+        self.ReadTelemetry = channel.unary_unary(
+                '/citytwin.v1.TwinService/ReadTelemetry',
+                request_serializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.SerializeToString,
+                response_deserializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.FromString,
+                _registered_method=True)
 
 
 class TwinServiceServicer:
@@ -135,6 +140,16 @@ class TwinServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadTelemetry(self, request, context):
+        """Returns a device's telemetry samples (the measurements it sent as SenML to its CoAP
+        `/twin/telemetry` resource) in time order, optionally of one measurement, within
+        [start_time, end_time). Samples are kept for the telemetry retention period
+        (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwinServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +182,11 @@ def add_TwinServiceServicer_to_server(servicer, server):
                     servicer.WatchTwins,
                     request_deserializer=citytwin_dot_v1_dot_twins__pb2.WatchTwinsRequest.FromString,
                     response_serializer=citytwin_dot_v1_dot_twins__pb2.ChangeEvent.SerializeToString,
+            ),
+            'ReadTelemetry': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadTelemetry,
+                    request_deserializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.FromString,
+                    response_serializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -337,6 +357,33 @@ class TwinService:
             '/citytwin.v1.TwinService/WatchTwins',
             citytwin_dot_v1_dot_twins__pb2.WatchTwinsRequest.SerializeToString,
             citytwin_dot_v1_dot_twins__pb2.ChangeEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadTelemetry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytwin.v1.TwinService/ReadTelemetry',
+            citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.SerializeToString,
+            citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.FromString,
             options,
             channel_credentials,
             insecure,

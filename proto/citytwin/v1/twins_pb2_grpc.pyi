@@ -69,6 +69,12 @@ class TwinServiceStub:
     misses nothing and sees nothing twice, across server restarts and replicas.
     OUT_OF_RANGE if the cursor is older than the retained feed.
     """
+    ReadTelemetry: _grpc.UnaryUnaryMultiCallable[_twins_pb2.ReadTelemetryRequest, _twins_pb2.ReadTelemetryResponse]
+    """Returns a device's telemetry samples (the measurements it sent as SenML to its CoAP
+    `/twin/telemetry` resource) in time order, optionally of one measurement, within
+    [start_time, end_time). Samples are kept for the telemetry retention period
+    (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
+    """
 
 @_typing.type_check_only
 class TwinServiceAsyncStub(TwinServiceStub):
@@ -110,6 +116,12 @@ class TwinServiceAsyncStub(TwinServiceStub):
     `after_cursor`. A client that reconnects with the cursor of the last event it processed
     misses nothing and sees nothing twice, across server restarts and replicas.
     OUT_OF_RANGE if the cursor is older than the retained feed.
+    """
+    ReadTelemetry: _aio.UnaryUnaryMultiCallable[_twins_pb2.ReadTelemetryRequest, _twins_pb2.ReadTelemetryResponse]  # type: ignore[assignment]
+    """Returns a device's telemetry samples (the measurements it sent as SenML to its CoAP
+    `/twin/telemetry` resource) in time order, optionally of one measurement, within
+    [start_time, end_time). Samples are kept for the telemetry retention period
+    (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
     """
 
 class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -185,6 +197,18 @@ class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
         `after_cursor`. A client that reconnects with the cursor of the last event it processed
         misses nothing and sees nothing twice, across server restarts and replicas.
         OUT_OF_RANGE if the cursor is older than the retained feed.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadTelemetry(
+        self,
+        request: _twins_pb2.ReadTelemetryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twins_pb2.ReadTelemetryResponse, _abc.Awaitable[_twins_pb2.ReadTelemetryResponse]]:
+        """Returns a device's telemetry samples (the measurements it sent as SenML to its CoAP
+        `/twin/telemetry` resource) in time order, optionally of one measurement, within
+        [start_time, end_time). Samples are kept for the telemetry retention period
+        (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
         """
 
 def add_TwinServiceServicer_to_server(servicer: TwinServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

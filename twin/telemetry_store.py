@@ -1,0 +1,136 @@
+"""Telemetry: the measurements devices send as SenML. The latest value of each measurement
+lands in the device's reported state (so selectors, deltas and the change feed see it); every
+sample is also kept, for the retention period, to be read back for a time range.
+
+A measurement is named after the profile property it measures (see senml.reported_patch),
+so the profile validates telemetry exactly as it validates reports: a pack naming an unknown
+property, or a value out of range, is refused whole and nothing is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.expressions import Q
+
+from twin.access import Principal
+from twin.change_feed import FeedNotifier
+from twin.errors import InvalidArgument
+from twin.models import TelemetrySample
+from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
+from twin.registry import get_device
+from twin.senml import Measurement, SenmlError, latest_values, reported_patch
+from twin.twin_store import TwinView, update_document
+
+_MAX_TEXT = 256
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One stored measurement."""
+
+    id: int
+    name: str
+    at: datetime
+    value: float | str | bool | None
+    unit: str
+
+
+def _row(device_id: str, measurement: Measurement) -> TelemetrySample:
+    value = measurement.value if measurement.value is not None else measurement.sum
+    return TelemetrySample(
+        device_id=device_id,
+        name=measurement.name,
+        at=measurement.time,
+        number=value if isinstance(value, int | float) and not isinstance(value, bool) else None,
+        text=value if isinstance(value, str) else None,
+        flag=value if isinstance(value, bool) else None,
+        unit=(measurement.unit or "")[:32],
+    )
+
+
+async def record_telemetry(
+    device_id: str,
+    measurements: Sequence[Measurement],
+    principal: Principal,
+    notifier: FeedNotifier,
+) -> TwinView:
+    """Store a pack's samples and put each measurement's latest value into the reported
+    state, in one transaction."""
+    try:
+        patch = reported_patch(latest_values(measurements))
+    except SenmlError as bad:
+        raise InvalidArgument(str(bad)) from None
+    for measurement in measurements:
+        if isinstance(measurement.value, str) and len(measurement.value) > _MAX_TEXT:
+            raise InvalidArgument(
+                f"measurement {measurement.name!r}: string values are at most {_MAX_TEXT} chars"
+            )
+    rows = [_row(device_id, m) for m in measurements]
+
+    async def store_samples(conn: BaseDBAsyncClient) -> None:
+        await TelemetrySample.bulk_create(rows, using_db=conn)
+
+    return await update_document(
+        device_id,
+        "reported",
+        patch,
+        expected_version=0,
+        principal=principal,
+        notifier=notifier,
+        also=store_samples,
+    )
+
+
+async def read_telemetry(
+    device_id: str,
+    name: str,
+    start: datetime | None,
+    end: datetime | None,
+    requested_size: int,
+    token: str,
+    principal: Principal,
+) -> tuple[list[Sample], str]:
+    """A page of a device's samples in time order, optionally of one measurement, within
+    [start, end)."""
+    await get_device(device_id, principal)  # existence and scope
+    if start is not None and end is not None and end <= start:
+        raise InvalidArgument("end_time must be after start_time")
+    size = page_size(requested_size)
+    filter_text = f"{device_id}|{name}|{start}|{end}"
+    after = decode_numeric_page_token(token, filter_text)
+    query = TelemetrySample.filter(device_id=device_id)
+    if name:
+        query = query.filter(name=name)
+    if start is not None:
+        query = query.filter(at__gte=start)
+    if end is not None:
+        query = query.filter(at__lt=end)
+    if after is not None:
+        # Keyset on (at, id): resume after the last sample of the previous page.
+        last = await TelemetrySample.filter(id=after).first()
+        if last is None:
+            raise InvalidArgument("page_token refers to a sample that is gone")
+        query = query.filter(Q(at__gt=last.at) | Q(at=last.at, id__gt=after))
+    rows = await query.order_by("at", "id").limit(size + 1)
+    page = [
+        Sample(
+            id=r.id,
+            name=r.name,
+            at=r.at,
+            value=r.number if r.number is not None else (r.text if r.text is not None else r.flag),
+            unit=r.unit,
+        )
+        for r in rows[:size]
+    ]
+    next_token = encode_page_token(str(page[-1].id), filter_text) if len(rows) > size else ""
+    return page, next_token
+
+
+async def trim_telemetry(retention: timedelta) -> int:
+    """Delete samples older than the retention period; returns how many."""
+    deleted: int = await TelemetrySample.filter(at__lt=datetime.now(UTC) - retention).delete()
+    return deleted
