@@ -50,6 +50,7 @@ class ChangeType(StrEnum):
     REPORTED_UPDATED = "REPORTED_UPDATED"
     DEVICE_ONLINE = "DEVICE_ONLINE"
     DEVICE_OFFLINE = "DEVICE_OFFLINE"
+    SYNC_STATUS_CHANGED = "SYNC_STATUS_CHANGED"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ def subject_to_json(subject: Subject) -> dict[str, Any]:
         "serial": subject.serial,
         "site": subject.site,
         "labels": dict(subject.labels),
+        "online": subject.online,
     }
 
 
@@ -86,6 +88,7 @@ def subject_from_json(data: dict[str, Any]) -> Subject:
         serial=data["serial"],
         site=data["site"],
         labels=data["labels"],
+        online=bool(data.get("online", False)),
     )
 
 

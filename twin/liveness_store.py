@@ -13,13 +13,15 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime, timedelta
 
+from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
-from twin.models import Device
+from twin.models import Device, Twin
 from twin.profile_store import get_profile
 from twin.registry import LifecycleState, view_of
+from twin.sync_store import refresh_sync
 
 # Finer than any heartbeat interval (>= 10 s) times any tolerance (>= 1).
 WRITE_EVERY_SECONDS = 5.0
@@ -39,28 +41,27 @@ class Liveness:
 
     async def seen(self, device_id: str) -> None:
         """Record that `device_id` was heard from now (throttled, see the module docstring)."""
-        now = time.monotonic()
+        tick = time.monotonic()
         last = self._written.get(device_id)
-        if last is not None and now - last < WRITE_EVERY_SECONDS:
+        if last is not None and tick - last < WRITE_EVERY_SECONDS:
             return
         if len(self._written) >= _TRACKED_LIMIT:
             self._written.clear()
-        self._written[device_id] = now
+        self._written[device_id] = tick
         came_online = False
         async with in_transaction() as conn:
+            # Twin before device, in the order twin updates take them (no deadlock).
+            twin = await _locked_twin(conn, device_id)
             row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
             if row is None or row.state == LifecycleState.DECOMMISSIONED:
                 return
-            row.last_seen_at = datetime.now(UTC)
+            now = datetime.now(UTC)
+            row.last_seen_at = now
             came_online = not row.online
             row.online = True
             await row.save(using_db=conn, update_fields=["last_seen_at", "online"])
             if came_online:
-                view = view_of(row)
-                await change_feed.append(
-                    conn,
-                    [NewEntry(view.subject, ChangeType.DEVICE_ONLINE, device=view.to_json())],
-                )
+                await _record_transition(conn, row, twin, ChangeType.DEVICE_ONLINE, now)
         if came_online:
             self.notifier.wake()
 
@@ -86,6 +87,7 @@ class Liveness:
 
     async def _mark_offline(self, device_id: str, silent_since: datetime) -> int:
         async with in_transaction() as conn:
+            twin = await _locked_twin(conn, device_id)
             changed = await (
                 Device.filter(id=device_id, online=True, last_seen_at__lt=silent_since)
                 .using_db(conn)
@@ -94,9 +96,23 @@ class Liveness:
             if not changed:
                 return 0  # heard from meanwhile, or another replica got there first
             row = await Device.filter(id=device_id).using_db(conn).get()
-            view = view_of(row)
-            await change_feed.append(
-                conn, [NewEntry(view.subject, ChangeType.DEVICE_OFFLINE, device=view.to_json())]
-            )
+            await _record_transition(conn, row, twin, ChangeType.DEVICE_OFFLINE, datetime.now(UTC))
         self._written.pop(device_id, None)
         return 1
+
+
+async def _locked_twin(conn: BaseDBAsyncClient, device_id: str) -> Twin | None:
+    return await Twin.filter(device_id=device_id).using_db(conn).select_for_update().first()
+
+
+async def _record_transition(
+    conn: BaseDBAsyncClient, row: Device, twin: Twin | None, change: ChangeType, now: datetime
+) -> None:
+    """The feed entry of an online/offline change, and the twin's sync status after it (a
+    pending twin becomes stale when its device goes offline, and back)."""
+    view = view_of(row)
+    await change_feed.append(conn, [NewEntry(view.subject, change, device=view.to_json())])
+    if twin is not None and await refresh_sync(
+        conn, twin, view.subject, online=row.online, ack=None, now=now
+    ):
+        await twin.save(using_db=conn, update_fields=["sync", "next_push_at"])

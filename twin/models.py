@@ -41,6 +41,14 @@ class Twin(Model):
     reported_metadata: Any = fields.JSONField(default=dict)
     version = fields.BigIntField(default=0)
     updated_at = fields.DatetimeField(null=True)
+    # The twin version at the last desired change: what acknowledgements refer to.
+    desired_version = fields.BigIntField(default=0)
+    # reconciliation.SyncStatus as JSON; null until desired state is first set.
+    sync: Any = fields.JSONField(null=True)
+    # The device's last acknowledgement (`$ack`) as it sent it.
+    ack: Any = fields.JSONField(null=True)
+    # When the reconciler should notify the device again (PENDING twins only).
+    next_push_at = fields.DatetimeField(null=True, db_index=True)
 
     class Meta:
         table = "twin"

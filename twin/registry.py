@@ -26,6 +26,7 @@ from twin.models import Device, Twin
 from twin.page_tokens import decode_page_token, encode_page_token, page_size
 from twin.profile_store import get_profile
 from twin.selectors import KINDS, Selector, Subject, matches
+from twin.sync_store import sync_state_of
 
 DEVICE_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?")
@@ -77,6 +78,7 @@ class DeviceView:
             serial=self.serial_number,
             site=self.location.site_id,
             labels=self.labels,
+            online=self.online,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -347,6 +349,7 @@ def _subject_with_twin(view: DeviceView, twin: Twin | None) -> Subject:
         desired=twin.desired,
         reported=twin.reported,
         has_delta=has_delta(twin.desired, twin.reported),
+        sync=sync_state_of(twin.sync),
     )
 
 

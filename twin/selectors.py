@@ -10,11 +10,12 @@ A selector is an AND of terms. Grammar (whitespace around tokens is ignored):
 
 Unquoted values may not contain whitespace, quotes, backslashes or any of `,()=!<>`.
 
-Keys: the device attributes `id kind model state serial site`; labels as `labels.<key>` or a bare
-key; twin values as `reported.<path>` or `desired.<path>`, any other dotted key being shorthand
-for `reported.<key>`; and `has_delta`. Label and attribute values compare as strings; twin
-values compare by the type of the stored value (number numerically, boolean with true/false,
-string as text; arrays and objects never equal). `!=` and `notin` match when the key is absent,
+Keys: the device attributes `id kind model state serial site online`; labels as `labels.<key>`
+or a bare key; twin values as `reported.<path>` or `desired.<path>`, any other dotted key being
+shorthand for `reported.<key>`; `has_delta`; and `sync` (in-sync, pending, stale, rejected).
+Label and attribute values compare as strings; twin values compare by the type of the stored
+value (number numerically, boolean with true/false, string as text; arrays and objects never
+equal). `!=` and `notin` match when the key is absent,
 as in Kubernetes.
 """
 
@@ -34,10 +35,12 @@ MAX_TERMS = 32
 
 KINDS = ("lamp", "sensor", "camera")
 STATES = ("registered", "provisioned", "active", "decommissioned")
-ATTRIBUTES = ("id", "kind", "model", "state", "serial", "site")
+ATTRIBUTES = ("id", "kind", "model", "state", "serial", "site", "online")
+# The reconciliation states of a twin (twin/reconciliation.py SyncState).
+SYNC_STATES = ("in-sync", "pending", "stale", "rejected")
 # Attributes the database can filter on directly; `site` lives in the location columns.
 _PUSHDOWN_ATTRIBUTES = ("id", "kind", "model", "state", "serial")
-_RESERVED = frozenset({*ATTRIBUTES, "has_delta", "labels", "reported", "desired"})
+_RESERVED = frozenset({*ATTRIBUTES, "has_delta", "sync", "labels", "reported", "desired"})
 
 _LABEL_KEY = re.compile(r"[a-z0-9]([a-z0-9_-]*[a-z0-9])?")
 MAX_LABEL_KEY_LENGTH = 63
@@ -56,6 +59,7 @@ class Space(StrEnum):
     REPORTED = "reported"
     DESIRED = "desired"
     HAS_DELTA = "has_delta"
+    SYNC = "sync"
 
 
 class Op(StrEnum):
@@ -73,7 +77,7 @@ class Op(StrEnum):
     GE = ">="
 
 
-_TWIN_SPACES = frozenset({Space.REPORTED, Space.DESIRED, Space.HAS_DELTA})
+_TWIN_SPACES = frozenset({Space.REPORTED, Space.DESIRED, Space.HAS_DELTA, Space.SYNC})
 _NUMERIC_OPS = frozenset({Op.LT, Op.LE, Op.GT, Op.GE})
 
 
@@ -117,7 +121,7 @@ class Selector:
 
     @property
     def uses_twin_values(self) -> bool:
-        """Whether matching needs the twin (a reported., desired. or has_delta term)."""
+        """Whether matching needs the twin (a reported., desired., has_delta or sync term)."""
         return any(t.space in _TWIN_SPACES for t in self.terms)
 
     def combine(self, other: Selector) -> Selector:
@@ -153,6 +157,8 @@ class Subject:
     desired: Document | None = None
     reported: Document | None = None
     has_delta: bool | None = None
+    online: bool = False
+    sync: str | None = None
 
 
 def parse_selector(text: str) -> Selector:
@@ -276,6 +282,8 @@ def _parse_key(term: str, key: str) -> tuple[Space, str]:
         return Space.ATTRIBUTE, key
     if key == "has_delta":
         return Space.HAS_DELTA, key
+    if key == "sync":
+        return Space.SYNC, key
     head, dot, tail = key.partition(".")
     if not dot:
         if key in _RESERVED:
@@ -361,6 +369,13 @@ def _checked(term: str, t: Term) -> Term:
             return Term(t.space, t.field, t.op, _enumerated(term, t.values, "kind", KINDS))
         if t.field == "state":
             return Term(t.space, t.field, t.op, _enumerated(term, t.values, "state", STATES))
+        if t.field == "online":
+            allowed = ("true", "false")
+            return Term(t.space, t.field, t.op, _enumerated(term, t.values, "online", allowed))
+    if t.space is Space.SYNC:
+        if t.op in (Op.EXISTS, Op.NOT_EXISTS):
+            raise _error(term, "sync always has a value; compare it with =, !=, in or notin")
+        return Term(t.space, t.field, t.op, _enumerated(term, t.values, "sync", SYNC_STATES))
     return t
 
 
@@ -401,7 +416,13 @@ def _matches_term(t: Term, subject: Subject) -> bool:
         if subject.has_delta is None:
             raise ValueError(f"selector term {str(t)!r} needs the subject's has_delta")
         return subject.has_delta is (t.values[0] == "true")
+    if t.space is Space.SYNC:
+        if subject.sync is None:
+            raise ValueError(f"selector term {str(t)!r} needs the subject's sync status")
+        return _compare_strings(t, subject.sync)
     if t.space is Space.ATTRIBUTE:
+        if t.field == "online":
+            return _compare_strings(t, "true" if subject.online else "false")
         actual: str = getattr(subject, t.field)
         if t.field in ("kind", "state"):
             actual = actual.lower()

@@ -47,6 +47,7 @@ from twin.grpc_api.interceptor import ApiInterceptor
 from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
 from twin.liveness_store import Liveness
+from twin.reconciler import renotify_due
 from twin.settings import Settings
 from twin.telemetry_store import trim_telemetry
 
@@ -61,6 +62,7 @@ _SERVICES = (
     provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
 )
 _TRUST_REFRESH_SECONDS = 10.0
+_RENOTIFY_SECONDS = 1.0
 _TRIM_INTERVAL_SECONDS = 600.0
 
 
@@ -215,6 +217,7 @@ async def serve(settings: Settings) -> None:
                 "telemetry trimmed",
             ),
             _every(settings.liveness_sweep_seconds, liveness.sweep, "devices went offline"),
+            _every(_RENOTIFY_SECONDS, lambda: renotify_due(observers), "devices re-notified"),
             _trust_new_groups_forever(tls),
             push_changes_forever(notifier, observers),
         ):

@@ -11,7 +11,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
@@ -32,6 +32,7 @@ from twin.metadata import format_timestamp, update_metadata
 from twin.models import Twin
 from twin.profile_store import get_profile
 from twin.profiles import validate_patch
+from twin.reconciliation import split_acknowledgement
 from twin.registry import (
     DeviceView,
     LifecycleState,
@@ -41,6 +42,7 @@ from twin.registry import (
     set_lifecycle_state,
 )
 from twin.selectors import Selector
+from twin.sync_store import ack_to_json, refresh_sync
 
 DocumentName = Literal["desired", "reported"]
 # A whole document may grow by many patches; bound it so one twin cannot eat the database.
@@ -61,6 +63,8 @@ class TwinView:
     reported_metadata: Document
     version: int
     updated_at: datetime | None
+    sync: dict[str, Any] | None = None
+    ack: dict[str, Any] | None = None
 
 
 def view_of_twin(row: Twin) -> TwinView:
@@ -74,6 +78,8 @@ def view_of_twin(row: Twin) -> TwinView:
         reported_metadata=row.reported_metadata,
         version=row.version,
         updated_at=row.updated_at,
+        sync=row.sync,
+        ack=row.ack,
     )
 
 
@@ -104,6 +110,8 @@ def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Do
     )
     row.version += 1
     row.updated_at = now
+    if which == "desired":
+        row.desired_version = row.version
     return applied
 
 
@@ -126,6 +134,8 @@ async def update_document(
     device = await get_device(device_id, principal)
     if device.state == LifecycleState.DECOMMISSIONED:
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
+    # A report may answer a desired version (`$ack`); the rest is the reported patch.
+    patch, ack = split_acknowledgement(patch) if which == "reported" else (patch, None)
     validate_patch(await get_profile(device.model), patch, document=which)
     async with in_transaction() as conn:
         row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
@@ -134,22 +144,27 @@ async def update_document(
                 f"twin of {device_id!r} is at version {row.version}, "
                 f"not the expected {expected_version}"
             )
-        applied = _apply(row, which, patch, datetime.now(UTC))
+        now = datetime.now(UTC)
+        applied = _apply(row, which, patch, now)
         if also is not None:
             await also(conn)
         # The first report makes the device ACTIVE, even one that changes nothing.
         first_report = which == "reported" and device.state != LifecycleState.ACTIVE
         if first_report:
             await set_lifecycle_state(conn, device_id, LifecycleState.ACTIVE)
-        if not applied:
-            if first_report:
-                notifier.wake()
-            return view_of_twin(row)
-        await row.save(using_db=conn)
-        await change_feed.append(
-            conn, [NewEntry(device.subject, _change_type(which), row.version, applied)]
+        if applied:
+            await change_feed.append(
+                conn, [NewEntry(device.subject, _change_type(which), row.version, applied)]
+            )
+        if ack is not None:
+            row.ack = ack_to_json(ack)
+        sync_changed = await refresh_sync(
+            conn, row, device.subject, online=device.online, ack=ack, now=now
         )
-    notifier.wake()
+        if applied or ack is not None or sync_changed:
+            await row.save(using_db=conn)
+    if applied or first_report or sync_changed:
+        notifier.wake()
     return view_of_twin(row)
 
 
@@ -199,18 +214,18 @@ async def _bulk_chunk(
         .order_by("device_id")
     )
     now = datetime.now(UTC)
-    entries = []
+    changed = 0
     for row in rows:
         applied = _apply(row, "desired", patch, now)
         if applied:
-            await row.save(using_db=conn)
-            entries.append(
-                NewEntry(
-                    by_id[row.device_id].subject, ChangeType.DESIRED_UPDATED, row.version, applied
-                )
+            device = by_id[row.device_id]
+            await change_feed.append(
+                conn, [NewEntry(device.subject, ChangeType.DESIRED_UPDATED, row.version, applied)]
             )
-    await change_feed.append(conn, entries)
-    return len(entries)
+            await refresh_sync(conn, row, device.subject, online=device.online, ack=None, now=now)
+            await row.save(using_db=conn)
+            changed += 1
+    return changed
 
 
 async def query_twins(

@@ -18,9 +18,14 @@ from tests.twin.test_twins_api import desired
 
 
 class Watch:
-    """A WatchTwins stream consumed on a thread, so tests can wait for events with a bound."""
+    """A WatchTwins stream consumed on a thread, so tests can wait for events with a bound.
+    Sync-status events are left out unless `with_sync`: these tests are about the order and
+    completeness of the feed, which sync-status changes interleave with."""
 
-    def __init__(self, api: Api, selector: str = "", after: str = "") -> None:
+    def __init__(
+        self, api: Api, selector: str = "", after: str = "", *, with_sync: bool = False
+    ) -> None:
+        self.with_sync = with_sync
         self.events: queue.Queue[Any] = queue.Queue()
         self.call = api.twins.WatchTwins(
             t.WatchTwinsRequest(filter=selector, after_cursor=after), metadata=api.metadata
@@ -31,7 +36,8 @@ class Watch:
     def _pump(self) -> None:
         try:
             for event in self.call:
-                self.events.put(event)
+                if self.with_sync or event.type != t.SYNC_STATUS_CHANGED:
+                    self.events.put(event)
         except grpc.RpcError as error:
             self.events.put(error)
 

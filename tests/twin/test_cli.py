@@ -114,22 +114,27 @@ def test_devices_and_twins_round_trip(deployment: Deployment) -> None:
     replay = json_of_lines(
         citytwin(
             deployment,
-            *("twin", "watch", "--filter", selector, "--after", "0", "--limit", "4", "--json"),
+            *("twin", "watch", "--filter", selector, "--after", "0", "--limit", "6", "--json"),
         )
     )
+    # Each first desired change also makes the (offline) twin's sync status "stale".
     assert [(e["device_name"], e["type"]) for e in replay] == [
         (f"devices/{first}", "DEVICE_CREATED"),
         (f"devices/{second}", "DEVICE_CREATED"),
         (f"devices/{first}", "DESIRED_UPDATED"),
+        (f"devices/{first}", "SYNC_STATUS_CHANGED"),
         (f"devices/{second}", "DESIRED_UPDATED"),
+        (f"devices/{second}", "SYNC_STATUS_CHANGED"),
     ]
+    replay = [e for e in replay if e["type"] != "SYNC_STATUS_CHANGED"]
     resumed = ok(
         citytwin(
             deployment,
             *("twin", "watch", "--filter", selector, "--after", replay[1]["cursor"]),
-            *("--limit", "2"),
+            *("--limit", "3"),
         )
     ).splitlines()
+    resumed = [line for line in resumed if "SYNC_STATUS_CHANGED" not in line]
     assert [line.split()[0] for line in resumed] == [replay[2]["cursor"], replay[3]["cursor"]]
     assert resumed[0].split()[2:] == [
         first,

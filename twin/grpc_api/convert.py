@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
@@ -14,6 +15,7 @@ from twin.errors import InvalidArgument
 from twin.merge_patch import Document, check_patch
 from twin.models import ChangeEntry
 from twin.profiles import DEFAULT_HEARTBEAT_SECONDS, Profile, PropertySpec, PropertyType
+from twin.reconciliation import status_from_json
 from twin.registry import DeviceView, LifecycleState, Location
 from twin.telemetry_store import Sample
 from twin.twin_store import TwinView
@@ -138,6 +140,48 @@ def twin_to_proto(view: TwinView) -> twins_pb2.Twin:
         reported_metadata=struct(view.reported_metadata),
         version=view.version,
         update_time=timestamp(view.updated_at),
+        sync_status=sync_status_to_proto(view.sync),
+        acknowledgement=ack_to_proto(view.ack),
+    )
+
+
+_SYNC_STATES = {
+    "in-sync": twins_pb2.SYNC_STATE_IN_SYNC,
+    "pending": twins_pb2.SYNC_STATE_PENDING,
+    "stale": twins_pb2.SYNC_STATE_STALE,
+    "rejected": twins_pb2.SYNC_STATE_REJECTED,
+}
+
+
+def sync_status_to_proto(stored: dict[str, Any] | None) -> twins_pb2.SyncStatus:
+    """A stored sync status as a message; a twin never given desired state is in sync."""
+    if not stored:
+        return twins_pb2.SyncStatus(state=twins_pb2.SYNC_STATE_IN_SYNC)
+    status = status_from_json(stored)
+    return twins_pb2.SyncStatus(
+        state=_SYNC_STATES[status.state.value],
+        desired_version=status.desired_version,
+        push_time=timestamp(status.pushed_at),
+        push_attempts=status.push_attempts,
+        rejected_reason=status.rejected_reason,
+        rejected_properties=dict(status.rejected_properties),
+        converged_time=timestamp(status.converged_at),
+        since_time=timestamp(status.since),
+    )
+
+
+def ack_to_proto(stored: dict[str, Any] | None) -> twins_pb2.Acknowledgement | None:
+    """A stored acknowledgement as a message (None if the device never sent one)."""
+    if not stored:
+        return None
+    return twins_pb2.Acknowledgement(
+        version=stored["version"],
+        status=stored["status"],
+        reason=stored["reason"],
+        properties={
+            path: twins_pb2.PropertyAcknowledgement(status=p["status"], reason=p["reason"])
+            for path, p in stored["properties"].items()
+        },
     )
 
 
@@ -150,7 +194,9 @@ def change_to_proto(entry: ChangeEntry) -> twins_pb2.ChangeEvent:
         time=timestamp(entry.created_at),
         twin_version=entry.twin_version,
     )
-    if entry.patch is not None:
+    if entry.change_type == ChangeType.SYNC_STATUS_CHANGED:
+        event.sync_status.CopyFrom(sync_status_to_proto(entry.patch))
+    elif entry.patch is not None:
         event.patch.CopyFrom(struct(entry.patch))
     if entry.device is not None:
         event.device.CopyFrom(device_to_proto(DeviceView.from_json(entry.device)))

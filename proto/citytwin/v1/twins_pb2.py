@@ -27,41 +27,57 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63itytwin/v1/twins.proto\x12\x0b\x63itytwin.v1\x1a\x19\x63itytwin/v1/devices.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\x04Twin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08reported\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x10\x64\x65sired_metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\x11reported_metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1e\n\x0eGetTwinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x14UpdateDesiredRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"g\n\x15UpdateReportedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"R\n\x18\x42ulkUpdateDesiredRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x19\x42ulkUpdateDesiredResponse\x12\x15\n\rmatched_count\x18\x01 \x01(\x03\x12\x15\n\rchanged_count\x18\x02 \x01(\x03\"J\n\x11QueryTwinsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12QueryTwinsResponse\x12 \n\x05twins\x18\x01 \x03(\x0b\x32\x11.citytwin.v1.Twin\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x11WatchTwinsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"\xe6\x01\n\x0b\x43hangeEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.citytwin.v1.ChangeType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctwin_version\x18\x05 \x01(\x03\x12&\n\x05patch\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x13.citytwin.v1.Device\"\xbe\x01\n\x14ReadTelemetryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmeasurement\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\xad\x01\n\x0fTelemetrySample\x12\x13\n\x0bmeasurement\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x0c\n\x04unit\x18\x06 \x01(\tB\x07\n\x05value\"_\n\x15ReadTelemetryResponse\x12-\n\x07samples\x18\x01 \x03(\x0b\x32\x1c.citytwin.v1.TelemetrySample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xbe\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45VICE_CREATED\x10\x01\x12\x12\n\x0e\x44\x45VICE_UPDATED\x10\x02\x12\x19\n\x15\x44\x45VICE_DECOMMISSIONED\x10\x03\x12\x13\n\x0f\x44\x45SIRED_UPDATED\x10\x04\x12\x14\n\x10REPORTED_UPDATED\x10\x05\x12\x11\n\rDEVICE_ONLINE\x10\x06\x12\x12\n\x0e\x44\x45VICE_OFFLINE\x10\x07\x32\xad\x04\n\x0bTwinService\x12\x39\n\x07GetTwin\x12\x1b.citytwin.v1.GetTwinRequest\x1a\x11.citytwin.v1.Twin\x12\x45\n\rUpdateDesired\x12!.citytwin.v1.UpdateDesiredRequest\x1a\x11.citytwin.v1.Twin\x12G\n\x0eUpdateReported\x12\".citytwin.v1.UpdateReportedRequest\x1a\x11.citytwin.v1.Twin\x12\x62\n\x11\x42ulkUpdateDesired\x12%.citytwin.v1.BulkUpdateDesiredRequest\x1a&.citytwin.v1.BulkUpdateDesiredResponse\x12M\n\nQueryTwins\x12\x1e.citytwin.v1.QueryTwinsRequest\x1a\x1f.citytwin.v1.QueryTwinsResponse\x12H\n\nWatchTwins\x12\x1e.citytwin.v1.WatchTwinsRequest\x1a\x18.citytwin.v1.ChangeEvent0\x01\x12V\n\rReadTelemetry\x12!.citytwin.v1.ReadTelemetryRequest\x1a\".citytwin.v1.ReadTelemetryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63itytwin/v1/twins.proto\x12\x0b\x63itytwin.v1\x1a\x19\x63itytwin/v1/devices.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x03\n\x04Twin\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x07\x64\x65sired\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12)\n\x08reported\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12&\n\x05\x64\x65lta\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x31\n\x10\x64\x65sired_metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\x11reported_metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0bsync_status\x18\t \x01(\x0b\x32\x17.citytwin.v1.SyncStatus\x12\x35\n\x0f\x61\x63knowledgement\x18\n \x01(\x0b\x32\x1c.citytwin.v1.Acknowledgement\"\x98\x03\n\nSyncStatus\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.citytwin.v1.SyncState\x12\x17\n\x0f\x64\x65sired_version\x18\x02 \x01(\x03\x12-\n\tpush_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rpush_attempts\x18\x04 \x01(\x05\x12\x17\n\x0frejected_reason\x18\x05 \x01(\t\x12L\n\x13rejected_properties\x18\x06 \x03(\x0b\x32/.citytwin.v1.SyncStatus.RejectedPropertiesEntry\x12\x32\n\x0e\x63onverged_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nsince_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x39\n\x17RejectedPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0f\x41\x63knowledgement\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12@\n\nproperties\x18\x04 \x03(\x0b\x32,.citytwin.v1.Acknowledgement.PropertiesEntry\x1aW\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x33\n\x05value\x18\x02 \x01(\x0b\x32$.citytwin.v1.PropertyAcknowledgement:\x02\x38\x01\"9\n\x17PropertyAcknowledgement\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x1e\n\x0eGetTwinRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"f\n\x14UpdateDesiredRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"g\n\x15UpdateReportedRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"R\n\x18\x42ulkUpdateDesiredRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12&\n\x05patch\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x19\x42ulkUpdateDesiredResponse\x12\x15\n\rmatched_count\x18\x01 \x01(\x03\x12\x15\n\rchanged_count\x18\x02 \x01(\x03\"J\n\x11QueryTwinsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"O\n\x12QueryTwinsResponse\x12 \n\x05twins\x18\x01 \x03(\x0b\x32\x11.citytwin.v1.Twin\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x11WatchTwinsRequest\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x66ter_cursor\x18\x02 \x01(\t\"\x94\x02\n\x0b\x43hangeEvent\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.citytwin.v1.ChangeType\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0ctwin_version\x18\x05 \x01(\x03\x12&\n\x05patch\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12#\n\x06\x64\x65vice\x18\x07 \x01(\x0b\x32\x13.citytwin.v1.Device\x12,\n\x0bsync_status\x18\x08 \x01(\x0b\x32\x17.citytwin.v1.SyncStatus\"\xbe\x01\n\x14ReadTelemetryRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmeasurement\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\xad\x01\n\x0fTelemetrySample\x12\x13\n\x0bmeasurement\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0cnumber_value\x18\x03 \x01(\x01H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12\x14\n\nbool_value\x18\x05 \x01(\x08H\x00\x12\x0c\n\x04unit\x18\x06 \x01(\tB\x07\n\x05value\"_\n\x15ReadTelemetryResponse\x12-\n\x07samples\x18\x01 \x03(\x0b\x32\x1c.citytwin.v1.TelemetrySample\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x86\x01\n\tSyncState\x12\x1a\n\x16SYNC_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12SYNC_STATE_IN_SYNC\x10\x01\x12\x16\n\x12SYNC_STATE_PENDING\x10\x02\x12\x14\n\x10SYNC_STATE_STALE\x10\x03\x12\x17\n\x13SYNC_STATE_REJECTED\x10\x04*\xd7\x01\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x44\x45VICE_CREATED\x10\x01\x12\x12\n\x0e\x44\x45VICE_UPDATED\x10\x02\x12\x19\n\x15\x44\x45VICE_DECOMMISSIONED\x10\x03\x12\x13\n\x0f\x44\x45SIRED_UPDATED\x10\x04\x12\x14\n\x10REPORTED_UPDATED\x10\x05\x12\x11\n\rDEVICE_ONLINE\x10\x06\x12\x12\n\x0e\x44\x45VICE_OFFLINE\x10\x07\x12\x17\n\x13SYNC_STATUS_CHANGED\x10\x08\x32\xad\x04\n\x0bTwinService\x12\x39\n\x07GetTwin\x12\x1b.citytwin.v1.GetTwinRequest\x1a\x11.citytwin.v1.Twin\x12\x45\n\rUpdateDesired\x12!.citytwin.v1.UpdateDesiredRequest\x1a\x11.citytwin.v1.Twin\x12G\n\x0eUpdateReported\x12\".citytwin.v1.UpdateReportedRequest\x1a\x11.citytwin.v1.Twin\x12\x62\n\x11\x42ulkUpdateDesired\x12%.citytwin.v1.BulkUpdateDesiredRequest\x1a&.citytwin.v1.BulkUpdateDesiredResponse\x12M\n\nQueryTwins\x12\x1e.citytwin.v1.QueryTwinsRequest\x1a\x1f.citytwin.v1.QueryTwinsResponse\x12H\n\nWatchTwins\x12\x1e.citytwin.v1.WatchTwinsRequest\x1a\x18.citytwin.v1.ChangeEvent0\x01\x12V\n\rReadTelemetry\x12!.citytwin.v1.ReadTelemetryRequest\x1a\".citytwin.v1.ReadTelemetryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'citytwin.v1.twins_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANGETYPE']._serialized_start=1763
-  _globals['_CHANGETYPE']._serialized_end=1953
+  _globals['_SYNCSTATUS_REJECTEDPROPERTIESENTRY']._loaded_options = None
+  _globals['_SYNCSTATUS_REJECTEDPROPERTIESENTRY']._serialized_options = b'8\001'
+  _globals['_ACKNOWLEDGEMENT_PROPERTIESENTRY']._loaded_options = None
+  _globals['_ACKNOWLEDGEMENT_PROPERTIESENTRY']._serialized_options = b'8\001'
+  _globals['_SYNCSTATE']._serialized_start=2604
+  _globals['_SYNCSTATE']._serialized_end=2738
+  _globals['_CHANGETYPE']._serialized_start=2741
+  _globals['_CHANGETYPE']._serialized_end=2956
   _globals['_TWIN']._serialized_start=131
-  _globals['_TWIN']._serialized_end=445
-  _globals['_GETTWINREQUEST']._serialized_start=447
-  _globals['_GETTWINREQUEST']._serialized_end=477
-  _globals['_UPDATEDESIREDREQUEST']._serialized_start=479
-  _globals['_UPDATEDESIREDREQUEST']._serialized_end=581
-  _globals['_UPDATEREPORTEDREQUEST']._serialized_start=583
-  _globals['_UPDATEREPORTEDREQUEST']._serialized_end=686
-  _globals['_BULKUPDATEDESIREDREQUEST']._serialized_start=688
-  _globals['_BULKUPDATEDESIREDREQUEST']._serialized_end=770
-  _globals['_BULKUPDATEDESIREDRESPONSE']._serialized_start=772
-  _globals['_BULKUPDATEDESIREDRESPONSE']._serialized_end=845
-  _globals['_QUERYTWINSREQUEST']._serialized_start=847
-  _globals['_QUERYTWINSREQUEST']._serialized_end=921
-  _globals['_QUERYTWINSRESPONSE']._serialized_start=923
-  _globals['_QUERYTWINSRESPONSE']._serialized_end=1002
-  _globals['_WATCHTWINSREQUEST']._serialized_start=1004
-  _globals['_WATCHTWINSREQUEST']._serialized_end=1061
-  _globals['_CHANGEEVENT']._serialized_start=1064
-  _globals['_CHANGEEVENT']._serialized_end=1294
-  _globals['_READTELEMETRYREQUEST']._serialized_start=1297
-  _globals['_READTELEMETRYREQUEST']._serialized_end=1487
-  _globals['_TELEMETRYSAMPLE']._serialized_start=1490
-  _globals['_TELEMETRYSAMPLE']._serialized_end=1663
-  _globals['_READTELEMETRYRESPONSE']._serialized_start=1665
-  _globals['_READTELEMETRYRESPONSE']._serialized_end=1760
-  _globals['_TWINSERVICE']._serialized_start=1956
-  _globals['_TWINSERVICE']._serialized_end=2513
+  _globals['_TWIN']._serialized_end=546
+  _globals['_SYNCSTATUS']._serialized_start=549
+  _globals['_SYNCSTATUS']._serialized_end=957
+  _globals['_SYNCSTATUS_REJECTEDPROPERTIESENTRY']._serialized_start=900
+  _globals['_SYNCSTATUS_REJECTEDPROPERTIESENTRY']._serialized_end=957
+  _globals['_ACKNOWLEDGEMENT']._serialized_start=960
+  _globals['_ACKNOWLEDGEMENT']._serialized_end=1181
+  _globals['_ACKNOWLEDGEMENT_PROPERTIESENTRY']._serialized_start=1094
+  _globals['_ACKNOWLEDGEMENT_PROPERTIESENTRY']._serialized_end=1181
+  _globals['_PROPERTYACKNOWLEDGEMENT']._serialized_start=1183
+  _globals['_PROPERTYACKNOWLEDGEMENT']._serialized_end=1240
+  _globals['_GETTWINREQUEST']._serialized_start=1242
+  _globals['_GETTWINREQUEST']._serialized_end=1272
+  _globals['_UPDATEDESIREDREQUEST']._serialized_start=1274
+  _globals['_UPDATEDESIREDREQUEST']._serialized_end=1376
+  _globals['_UPDATEREPORTEDREQUEST']._serialized_start=1378
+  _globals['_UPDATEREPORTEDREQUEST']._serialized_end=1481
+  _globals['_BULKUPDATEDESIREDREQUEST']._serialized_start=1483
+  _globals['_BULKUPDATEDESIREDREQUEST']._serialized_end=1565
+  _globals['_BULKUPDATEDESIREDRESPONSE']._serialized_start=1567
+  _globals['_BULKUPDATEDESIREDRESPONSE']._serialized_end=1640
+  _globals['_QUERYTWINSREQUEST']._serialized_start=1642
+  _globals['_QUERYTWINSREQUEST']._serialized_end=1716
+  _globals['_QUERYTWINSRESPONSE']._serialized_start=1718
+  _globals['_QUERYTWINSRESPONSE']._serialized_end=1797
+  _globals['_WATCHTWINSREQUEST']._serialized_start=1799
+  _globals['_WATCHTWINSREQUEST']._serialized_end=1856
+  _globals['_CHANGEEVENT']._serialized_start=1859
+  _globals['_CHANGEEVENT']._serialized_end=2135
+  _globals['_READTELEMETRYREQUEST']._serialized_start=2138
+  _globals['_READTELEMETRYREQUEST']._serialized_end=2328
+  _globals['_TELEMETRYSAMPLE']._serialized_start=2331
+  _globals['_TELEMETRYSAMPLE']._serialized_end=2504
+  _globals['_READTELEMETRYRESPONSE']._serialized_start=2506
+  _globals['_READTELEMETRYRESPONSE']._serialized_end=2601
+  _globals['_TWINSERVICE']._serialized_start=2959
+  _globals['_TWINSERVICE']._serialized_end=3516
 # @@protoc_insertion_point(module_scope)

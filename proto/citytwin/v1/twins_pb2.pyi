@@ -22,6 +22,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SyncState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SyncStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SyncState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SYNC_STATE_UNSPECIFIED: _SyncState.ValueType  # 0
+    """Never set by the service."""
+    SYNC_STATE_IN_SYNC: _SyncState.ValueType  # 1
+    """Reported matches desired: no delta."""
+    SYNC_STATE_PENDING: _SyncState.ValueType  # 2
+    """A delta exists and the device is online; it has been (and is re-)notified."""
+    SYNC_STATE_STALE: _SyncState.ValueType  # 3
+    """A delta exists and the device is offline; it gets one coalesced delta when it returns."""
+    SYNC_STATE_REJECTED: _SyncState.ValueType  # 4
+    """The device refused the current desired version, or a property of it."""
+
+class SyncState(_SyncState, metaclass=_SyncStateEnumTypeWrapper):
+    """Reconciliation state of a twin."""
+
+SYNC_STATE_UNSPECIFIED: SyncState.ValueType  # 0
+"""Never set by the service."""
+SYNC_STATE_IN_SYNC: SyncState.ValueType  # 1
+"""Reported matches desired: no delta."""
+SYNC_STATE_PENDING: SyncState.ValueType  # 2
+"""A delta exists and the device is online; it has been (and is re-)notified."""
+SYNC_STATE_STALE: SyncState.ValueType  # 3
+"""A delta exists and the device is offline; it gets one coalesced delta when it returns."""
+SYNC_STATE_REJECTED: SyncState.ValueType  # 4
+"""The device refused the current desired version, or a property of it."""
+Global___SyncState: _TypeAlias = SyncState  # noqa: Y015
+
 class _ChangeType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -48,6 +80,8 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     """The device has been silent for longer than its heartbeat interval times the tolerance;
     `device` holds it after.
     """
+    SYNC_STATUS_CHANGED: _ChangeType.ValueType  # 8
+    """The twin's sync status changed state; `sync_status` holds it after."""
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """What happened in a change feed entry."""
@@ -72,6 +106,8 @@ DEVICE_OFFLINE: ChangeType.ValueType  # 7
 """The device has been silent for longer than its heartbeat interval times the tolerance;
 `device` holds it after.
 """
+SYNC_STATUS_CHANGED: ChangeType.ValueType  # 8
+"""The twin's sync status changed state; `sync_status` holds it after."""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
@@ -88,6 +124,8 @@ class Twin(_message.Message):
     REPORTED_METADATA_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    SYNC_STATUS_FIELD_NUMBER: _builtins.int
+    ACKNOWLEDGEMENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `devices/{device_id}/twin`."""
     version: _builtins.int
@@ -116,6 +154,16 @@ class Twin(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When either document last changed; unset for a twin never written."""
 
+    @_builtins.property
+    def sync_status(self) -> Global___SyncStatus:
+        """How the device stands against its desired state. Output only."""
+
+    @_builtins.property
+    def acknowledgement(self) -> Global___Acknowledgement:
+        """The device's last acknowledgement of a desired version (the `$ack` member of a report),
+        if it ever sent one. Output only.
+        """
+
     def __init__(
         self,
         *,
@@ -127,14 +175,179 @@ class Twin(_message.Message):
         reported_metadata: _struct_pb2.Struct | None = ...,
         version: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        sync_status: Global___SyncStatus | None = ...,
+        acknowledgement: Global___Acknowledgement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "desired", b"desired", "desired_metadata", b"desired_metadata", "reported", b"reported", "reported_metadata", b"reported_metadata", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acknowledgement", b"acknowledgement", "delta", b"delta", "desired", b"desired", "desired_metadata", b"desired_metadata", "reported", b"reported", "reported_metadata", b"reported_metadata", "sync_status", b"sync_status", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "desired", b"desired", "desired_metadata", b"desired_metadata", "name", b"name", "reported", b"reported", "reported_metadata", b"reported_metadata", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acknowledgement", b"acknowledgement", "delta", b"delta", "desired", b"desired", "desired_metadata", b"desired_metadata", "name", b"name", "reported", b"reported", "reported_metadata", b"reported_metadata", "sync_status", b"sync_status", "update_time", b"update_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Twin: _TypeAlias = Twin  # noqa: Y015
+
+@_typing.final
+class SyncStatus(_message.Message):
+    """Where a twin stands against its desired state, kept up to date by the service on every
+    report, desired change and liveness change.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RejectedPropertiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    STATE_FIELD_NUMBER: _builtins.int
+    DESIRED_VERSION_FIELD_NUMBER: _builtins.int
+    PUSH_TIME_FIELD_NUMBER: _builtins.int
+    PUSH_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REJECTED_REASON_FIELD_NUMBER: _builtins.int
+    REJECTED_PROPERTIES_FIELD_NUMBER: _builtins.int
+    CONVERGED_TIME_FIELD_NUMBER: _builtins.int
+    SINCE_TIME_FIELD_NUMBER: _builtins.int
+    state: Global___SyncState.ValueType
+    """The state."""
+    desired_version: _builtins.int
+    """The twin version at the desired change this status is about."""
+    push_attempts: _builtins.int
+    """How often the service notified the device of this desired version."""
+    rejected_reason: _builtins.str
+    """Why the device refused (REJECTED only)."""
+    @_builtins.property
+    def push_time(self) -> _timestamp_pb2.Timestamp:
+        """When the service last (re-)notified the device of the delta; unset if never."""
+
+    @_builtins.property
+    def rejected_properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Refused properties (dotted paths) and why (REJECTED only)."""
+
+    @_builtins.property
+    def converged_time(self) -> _timestamp_pb2.Timestamp:
+        """When the twin last became IN_SYNC; unset if never."""
+
+    @_builtins.property
+    def since_time(self) -> _timestamp_pb2.Timestamp:
+        """Since when `state` holds."""
+
+    def __init__(
+        self,
+        *,
+        state: Global___SyncState.ValueType = ...,
+        desired_version: _builtins.int = ...,
+        push_time: _timestamp_pb2.Timestamp | None = ...,
+        push_attempts: _builtins.int = ...,
+        rejected_reason: _builtins.str = ...,
+        rejected_properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        converged_time: _timestamp_pb2.Timestamp | None = ...,
+        since_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["converged_time", b"converged_time", "push_time", b"push_time", "since_time", b"since_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["converged_time", b"converged_time", "desired_version", b"desired_version", "push_attempts", b"push_attempts", "push_time", b"push_time", "rejected_properties", b"rejected_properties", "rejected_reason", b"rejected_reason", "since_time", b"since_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncStatus: _TypeAlias = SyncStatus  # noqa: Y015
+
+@_typing.final
+class Acknowledgement(_message.Message):
+    """A device's answer to a desired version, as it sent it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PropertiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___PropertyAcknowledgement: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___PropertyAcknowledgement | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The desired version (the twin's `sync_status.desired_version`) it answers."""
+    status: _builtins.str
+    """`applied`, `in-progress` or `rejected`."""
+    reason: _builtins.str
+    """Why, in the device's words."""
+    @_builtins.property
+    def properties(self) -> _containers.MessageMap[_builtins.str, Global___PropertyAcknowledgement]:
+        """Per-property answers: dotted path -> `applied`/`in-progress`/`rejected` and a reason."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        properties: _abc.Mapping[_builtins.str, Global___PropertyAcknowledgement] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["properties", b"properties", "reason", b"reason", "status", b"status", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Acknowledgement: _TypeAlias = Acknowledgement  # noqa: Y015
+
+@_typing.final
+class PropertyAcknowledgement(_message.Message):
+    """A device's answer for one property."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    status: _builtins.str
+    """`applied`, `in-progress` or `rejected`."""
+    reason: _builtins.str
+    """Why, in the device's words."""
+    def __init__(
+        self,
+        *,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PropertyAcknowledgement: _TypeAlias = PropertyAcknowledgement  # noqa: Y015
 
 @_typing.final
 class GetTwinRequest(_message.Message):
@@ -381,6 +594,7 @@ class ChangeEvent(_message.Message):
     TWIN_VERSION_FIELD_NUMBER: _builtins.int
     PATCH_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    SYNC_STATUS_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Position of this event in the feed; pass it as `after_cursor` to resume after it.
     Opaque: compare only for equality.
@@ -403,6 +617,10 @@ class ChangeEvent(_message.Message):
     def device(self) -> _devices_pb2.Device:
         """The device after the change (device changes only)."""
 
+    @_builtins.property
+    def sync_status(self) -> Global___SyncStatus:
+        """The twin's sync status after the change (SYNC_STATUS_CHANGED only)."""
+
     def __init__(
         self,
         *,
@@ -413,10 +631,11 @@ class ChangeEvent(_message.Message):
         twin_version: _builtins.int = ...,
         patch: _struct_pb2.Struct | None = ...,
         device: _devices_pb2.Device | None = ...,
+        sync_status: Global___SyncStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "patch", b"patch", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "patch", b"patch", "sync_status", b"sync_status", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "device", b"device", "device_name", b"device_name", "patch", b"patch", "time", b"time", "twin_version", b"twin_version", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "device", b"device", "device_name", b"device_name", "patch", b"patch", "sync_status", b"sync_status", "time", b"time", "twin_version", b"twin_version", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
