@@ -25,8 +25,9 @@ What it adds to aiocoap's own `tlsserver` transport:
 For clients (devices, tests), `client_ssl_context` and `device_client_context` give an aiocoap
 client that presents a client certificate, which aiocoap's credentials map cannot express.
 
-Each connection costs ~290 KiB (asyncio's fixed TLS read buffer), so `max_connections` also
-bounds the memory devices can make the service hold.
+A plain asyncio TLS connection costs ~290 KiB, mostly a fixed 256 KiB read buffer; each of
+ours gets a record-sized one instead (`READ_BUFFER_BYTES`; bench/connections.py measures the
+cost per connected device), and `max_connections` bounds the total.
 """
 
 from __future__ import annotations
@@ -269,6 +270,24 @@ def peer_address(request: aiocoap.Message) -> str:
 
 # -- the transport ---------------------------------------------------------------------------
 
+# asyncio's TLS protocol reads into a buffer of a fixed 256 KiB per connection (Python 3.11's
+# sslproto.SSLProtocol.max_size): most of what an idle device connection costs. Device
+# messages are far smaller than one TLS record (16 KiB), so a record-sized buffer costs
+# nothing but a few more reads when a big burst arrives.
+READ_BUFFER_BYTES = 16 * 1024 + 512
+
+
+def _shrink_read_buffer(tls_transport: asyncio.Transport) -> None:
+    """Give one connection's TLS protocol a small read buffer. Safe between protocol
+    callbacks: the buffer only holds data during a single recv_into/buffer_updated pair."""
+    protocol = getattr(tls_transport, "_ssl_protocol", None)
+    if protocol is None or not hasattr(protocol, "_ssl_buffer"):
+        return  # another asyncio implementation: keep its own buffer
+    protocol.max_size = READ_BUFFER_BYTES
+    protocol._ssl_buffer = bytearray(READ_BUFFER_BYTES)
+    protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
+
+
 
 class _TlsServer(TLSServer):  # type: ignore[misc]
     """aiocoap's TLS server transport, with its own listening socket and accept path."""
@@ -347,6 +366,7 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
                 if not self.closing:
                     self.failed_handshakes += 1
         if tls_transport is not None:
+            _shrink_read_buffer(tls_transport)
             connection.tls_established(tls_transport)
 
     def forget(self, connection: _TlsConnection) -> None:

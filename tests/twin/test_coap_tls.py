@@ -66,6 +66,7 @@ from provisioning.csr_policy import inspect_csr
 from tests.conftest import free_port
 from twin import coap_tls
 from twin.coap_tls import (
+    READ_BUFFER_BYTES,
     TlsListener,
     add_client_ca,
     client_ssl_context,
@@ -198,6 +199,9 @@ class Who(aiocoap.resource.Resource):  # type: ignore[misc]
         der = peer_certificate(request)
         seen = hashlib.sha256(der).hexdigest() if der is not None else "none"
         return aiocoap.Message(payload=f"{peer_address(request)} {seen}".encode())
+
+    async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=aiocoap.CHANGED, payload=str(len(request.payload)).encode())
 
 
 @dataclass
@@ -596,3 +600,16 @@ def test_an_encrypted_key_is_refused_not_prompted_for(pki: Pki) -> None:
 def test_client_certificate_needs_its_key(pki: Pki) -> None:
     with pytest.raises(ValueError):
         client_ssl_context(pki.trust, cert_pem=pem(pki.device.cert))
+
+
+async def test_connections_read_through_a_small_buffer(serve: Serve, pki: Pki) -> None:
+    served = await serve()
+    async with device_client(pki, pki.device) as client:
+        assert (await get(client, served.coaps + "/who")).code == aiocoap.CONTENT
+        (connection,) = served.listener._server.connections
+        buffer = connection._transport._ssl_protocol._ssl_buffer
+        assert len(buffer) == READ_BUFFER_BYTES < 256 * 1024
+        # A message larger than the buffer (and than a TLS record) still arrives whole.
+        big = aiocoap.Message(code=aiocoap.POST, uri=served.coaps + "/who", payload=b"x" * 100_000)
+        response = await asyncio.wait_for(client.request(big).response, 5)
+        assert response.payload == b"100000"
