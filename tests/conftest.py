@@ -26,6 +26,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from citytwin.v1 import (
+    alarms_pb2_grpc,
     devices_pb2_grpc,
     profiles_pb2_grpc,
     provisioning_pb2_grpc,
@@ -184,6 +185,7 @@ class Api:
         self.twins = twins_pb2_grpc.TwinServiceStub(channel)
         self.profiles = profiles_pb2_grpc.ProfileServiceStub(channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
+        self.alarms = alarms_pb2_grpc.AlarmServiceStub(channel)
         self.metadata: list[tuple[str, str]] = (
             [("authorization", f"Bearer {token}")] if token else []
         )

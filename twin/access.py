@@ -48,6 +48,8 @@ class Permission(StrEnum):
     POLICY_READ = "provisioning-policy.read"
     POLICY_WRITE = "provisioning-policy.write"
     AUDIT_READ = "audit.read"
+    ALARMS_READ = "alarms.read"
+    ALARMS_ACKNOWLEDGE = "alarms.acknowledge"
 
 
 _READ = frozenset(
@@ -61,13 +63,15 @@ _READ = frozenset(
         Permission.CERTIFICATES_READ,
         Permission.POLICY_READ,
         Permission.AUDIT_READ,
+        Permission.ALARMS_READ,
     }
 )
 
 ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset(Permission),
     # Other city services: read everything, steer devices, bridge reports from gateways.
-    Role.SERVICE: _READ | {Permission.DESIRED_WRITE, Permission.REPORTED_WRITE},
+    Role.SERVICE: _READ
+    | {Permission.DESIRED_WRITE, Permission.REPORTED_WRITE, Permission.ALARMS_ACKNOWLEDGE},
     # On site: register and enroll devices and fix their labels and location, never steer
     # them; revoking identities and trusting manufacturers stay with admins.
     Role.INSTALLER: _READ
@@ -76,6 +80,7 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
         Permission.DEVICES_UPDATE,
         Permission.ENROLLMENTS_CREATE,
         Permission.ENROLLMENTS_CANCEL,
+        Permission.ALARMS_ACKNOWLEDGE,
     },
     # Firmware rollouts read the fleet; campaign permissions arrive with firmware_ota.
     Role.RELEASE_ENGINEER: _READ,

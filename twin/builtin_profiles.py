@@ -87,8 +87,19 @@ LAMP_LED_DIMMABLE = Profile(
         PropertySpec("fault_codes", _A, description="Vendor fault codes currently raised"),
         PropertySpec("fault_codes[]", _S, max_length=64, description="One vendor fault code"),
         PropertySpec("faults", _O, description="Fault flags"),
-        PropertySpec("faults.driver_failure", _B, description="The LED driver has failed"),
-        PropertySpec("faults.lamp_failure", _B, description="The light source has failed"),
+        # A failed lamp leaves a stretch of street dark: major, for the maintenance crew.
+        PropertySpec(
+            "faults.driver_failure",
+            _B,
+            alarm_severity="major",
+            description="The LED driver has failed",
+        ),
+        PropertySpec(
+            "faults.lamp_failure",
+            _B,
+            alarm_severity="major",
+            description="The light source has failed",
+        ),
         *_FIRMWARE,
     ),
 )
@@ -127,7 +138,12 @@ ENV_SENSOR = Profile(
             description="Time between measurement reports",
         ),
         PropertySpec("faults", _O, description="Fault flags"),
-        PropertySpec("faults.calibration_error", _B, description="A sensor is out of calibration"),
+        PropertySpec(
+            "faults.calibration_error",
+            _B,
+            alarm_severity="minor",
+            description="A sensor is out of calibration",
+        ),
         *_FIRMWARE,
     ),
 )
@@ -164,7 +180,12 @@ CAMERA_IP = Profile(
             "privacy_mask", _B, writable=True, description="Privacy masking of private areas"
         ),
         PropertySpec("faults", _O, description="Fault flags"),
-        PropertySpec("faults.storage_failure", _B, description="Local storage has failed"),
+        PropertySpec(
+            "faults.storage_failure",
+            _B,
+            alarm_severity="major",
+            description="Local storage has failed",
+        ),
         *_FIRMWARE,
     ),
 )

@@ -288,7 +288,6 @@ def _shrink_read_buffer(tls_transport: asyncio.Transport) -> None:
     protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
 
 
-
 class _TlsServer(TLSServer):  # type: ignore[misc]
     """aiocoap's TLS server transport, with its own listening socket and accept path."""
 

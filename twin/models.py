@@ -123,3 +123,22 @@ class TelemetrySample(Model):
     class Meta:
         table = "telemetry_sample"
         indexes = (("device_id", "name", "at"), ("at",))
+
+
+class Alarm(Model):
+    """A fault a device reported, from first report until it reports it gone."""
+
+    id = fields.BigIntField(primary_key=True)
+    device_id = fields.CharField(max_length=63, db_index=True)
+    property = fields.CharField(max_length=256)
+    severity = fields.CharField(max_length=16)
+    active = fields.BooleanField(default=True, db_index=True)
+    first_seen_at = fields.DatetimeField()
+    last_seen_at = fields.DatetimeField()
+    cleared_at = fields.DatetimeField(null=True)
+    acknowledged_at = fields.DatetimeField(null=True)
+    acknowledged_by = fields.CharField(max_length=300, default="")
+    note = fields.CharField(max_length=512, default="")
+
+    class Meta:
+        table = "alarm"

@@ -56,6 +56,12 @@ class PropertySpec:
     description: str = ""
     max_length: int = 256
     max_items: int = 64
+    # A BOOLEAN property that is a fault flag: reported true, it raises an alarm of this
+    # severity; reported false (or removed), it clears it. Empty for ordinary properties.
+    alarm_severity: str = ""
+
+
+ALARM_SEVERITIES = ("critical", "major", "minor", "warning")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ class Profile:
     def spec(self, path: str) -> PropertySpec | None:
         """The spec declared for `path` (e.g. `dimming_schedule[].level`), if any."""
         return self._by_path.get(path)
+
+    @property
+    def fault_properties(self) -> tuple[PropertySpec, ...]:
+        """The properties whose true value is an alarm."""
+        return tuple(p for p in self.properties if p.alarm_severity)
 
     @cached_property
     def _by_path(self) -> dict[str, PropertySpec]:
@@ -126,6 +137,13 @@ def _check_spec(p: PropertySpec, declared: Mapping[str, PropertySpec]) -> None:
         )
     if not isinstance(p.type, PropertyType):
         raise InvalidArgument(f"{where}: unknown type {p.type!r}")
+    if p.alarm_severity:
+        if p.alarm_severity not in ALARM_SEVERITIES:
+            raise InvalidArgument(
+                f"{where}: alarm_severity must be one of {', '.join(ALARM_SEVERITIES)}"
+            )
+        if p.type is not PropertyType.BOOLEAN or "[]" in p.path:
+            raise InvalidArgument(f"{where}: only boolean properties outside arrays raise alarms")
     if p.path.endswith("[]"):
         parent_path, parent_type = p.path[:-2], PropertyType.ARRAY
     elif "." in p.path:
@@ -305,6 +323,7 @@ def profile_to_dict(profile: Profile) -> dict[str, Any]:
                 "description": p.description,
                 "max_length": p.max_length,
                 "max_items": p.max_items,
+                "alarm_severity": p.alarm_severity,
             }
             for p in profile.properties
         ],
@@ -342,6 +361,7 @@ def profile_from_dict(data: Mapping[str, Any]) -> Profile:
                 description=_get(item, "description", str, ""),
                 max_length=_get(item, "max_length", int, 256),
                 max_items=_get(item, "max_items", int, 64),
+                alarm_severity=_get(item, "alarm_severity", str, ""),
             )
         )
     return Profile(

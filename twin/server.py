@@ -19,6 +19,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from citytwin.v1 import (
+    alarms_pb2,
+    alarms_pb2_grpc,
     devices_pb2,
     devices_pb2_grpc,
     profiles_pb2,
@@ -42,6 +44,7 @@ from twin.coap_tls import add_client_ca, server_ssl_context, start_tls_server
 from twin.database import close_database, open_database
 from twin.device_observers import DeviceObservers, push_changes_forever
 from twin.device_resources import DeviceSide, add_device_resources
+from twin.grpc_api.alarms import AlarmServicer
 from twin.grpc_api.devices import DeviceServicer
 from twin.grpc_api.interceptor import ApiInterceptor
 from twin.grpc_api.profiles import ProfileServicer
@@ -60,6 +63,7 @@ _SERVICES = (
     twins_pb2.DESCRIPTOR.services_by_name["TwinService"].full_name,
     profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
     provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
+    alarms_pb2.DESCRIPTOR.services_by_name["AlarmService"].full_name,
 )
 _TRUST_REFRESH_SECONDS = 10.0
 _RENOTIFY_SECONDS = 1.0
@@ -81,6 +85,7 @@ def build_grpc_server(
     devices_pb2_grpc.add_DeviceServiceServicer_to_server(DeviceServicer(notifier), server)
     twins_pb2_grpc.add_TwinServiceServicer_to_server(TwinServicer(notifier), server)
     profiles_pb2_grpc.add_ProfileServiceServicer_to_server(ProfileServicer(), server)
+    alarms_pb2_grpc.add_AlarmServiceServicer_to_server(AlarmServicer(notifier), server)
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(notifier, trust_client_ca), server
     )

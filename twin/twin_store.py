@@ -18,6 +18,7 @@ from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.access import Principal
+from twin.alarm_store import apply_report
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.delta import compute_delta
 from twin.errors import (
@@ -136,7 +137,8 @@ async def update_document(
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
     # A report may answer a desired version (`$ack`); the rest is the reported patch.
     patch, ack = split_acknowledgement(patch) if which == "reported" else (patch, None)
-    validate_patch(await get_profile(device.model), patch, document=which)
+    profile = await get_profile(device.model)
+    validate_patch(profile, patch, document=which)
     async with in_transaction() as conn:
         row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
         if expected_version and row.version != expected_version:
@@ -163,7 +165,10 @@ async def update_document(
         )
         if applied or ack is not None or sync_changed:
             await row.save(using_db=conn)
-    if applied or first_report or sync_changed:
+        alarms_changed = which == "reported" and await apply_report(
+            conn, profile, device.subject, row.reported, patch, now
+        )
+    if applied or first_report or sync_changed or alarms_changed:
         notifier.wake()
     return view_of_twin(row)
 

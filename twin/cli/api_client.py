@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from citytwin.v1 import devices_pb2_grpc, provisioning_pb2_grpc, twins_pb2_grpc
+from citytwin.v1 import alarms_pb2_grpc, devices_pb2_grpc, provisioning_pb2_grpc, twins_pb2_grpc
 from twin.errors import InvalidArgument, Unauthenticated
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -75,6 +75,7 @@ class ApiClient:
         self.metadata = (("authorization", f"Bearer {token}"),)
         self.devices = devices_pb2_grpc.DeviceServiceStub(self.channel)
         self.twins = twins_pb2_grpc.TwinServiceStub(self.channel)
+        self.alarms = alarms_pb2_grpc.AlarmServiceStub(self.channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self.channel)
 
     @classmethod
@@ -141,3 +142,26 @@ def add_api_command(sub: Any, name: str, help_text: str) -> argparse.ArgumentPar
     parser.add_argument("--json", action="store_true", help="print JSON")
     add_connection_arguments(parser)
     return parser
+
+
+def follow(call: grpc.CallIterator[Response], show: Callable[[Response], None], limit: int) -> int:
+    """Show each message of a server stream until `limit` (0: no limit), Ctrl-C or a closed
+    pipe, then end the call; returns the exit code (0)."""
+    seen = 0
+    try:
+        for message in call:
+            show(message)
+            seen += 1
+            if seen == limit:
+                break
+    except KeyboardInterrupt:
+        # Ctrl-C is how a person stops watching, not a failure.
+        pass
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep the interpreter's final
+        # flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        # Stops the server-side stream at once; grpc-stubs leaves RpcContext.cancel untyped.
+        call.cancel()  # type: ignore[no-untyped-call]
+    return 0

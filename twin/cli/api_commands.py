@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from twin.cli import device_commands, provisioning_commands, twin_commands
+from twin.cli import (
+    alarm_commands,
+    device_commands,
+    provisioning_commands,
+    simulate_commands,
+    twin_commands,
+)
 
 
 def register(commands: Any) -> None:
     """Add the API command groups: `devices`, `twin` and the provisioning groups (`install`,
-    `enrollments`, `groups`, `certs`, `audit`)."""
+    `enrollments`, `groups`, `certs`, `audit`) and `simulate`."""
     device_commands.register(commands)
+    alarm_commands.register(commands)
     twin_commands.register(commands)
     provisioning_commands.register(commands)
+    simulate_commands.register(commands)

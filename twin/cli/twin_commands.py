@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from typing import Any
 
 from google.protobuf import json_format
@@ -13,7 +11,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import twins_pb2 as t
-from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name
+from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name, follow
 from twin.cli.device_commands import format_labels
 from twin.cli.output import (
     compact_json,
@@ -146,28 +144,14 @@ def _set_desired(args: argparse.Namespace, api: ApiClient) -> int:
 @api_command
 def _watch(args: argparse.Namespace, api: ApiClient) -> int:
     request = t.WatchTwinsRequest(filter=args.filter, after_cursor=args.after)
-    call = api.stream(api.twins.WatchTwins, request)
-    seen = 0
-    try:
-        for event in call:
-            if args.json:
-                print_json(message_to_dict(event), compact=True)
-            else:
-                print(event_line(event), flush=True)
-            seen += 1
-            if seen == args.limit:
-                break
-    except KeyboardInterrupt:
-        # Ctrl-C is how a person stops watching, not a failure.
-        pass
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep the interpreter's final
-        # flush of stdout from failing again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    finally:
-        # Stops the server-side stream at once; grpc-stubs leaves RpcContext.cancel untyped.
-        call.cancel()  # type: ignore[no-untyped-call]
-    return 0
+
+    def show(event: t.ChangeEvent) -> None:
+        if args.json:
+            print_json(message_to_dict(event), compact=True)
+        else:
+            print(event_line(event), flush=True)
+
+    return follow(api.stream(api.twins.WatchTwins, request), show, args.limit)
 
 
 def _positive(text: str) -> int:

@@ -224,6 +224,7 @@ def profile_to_proto(profile: Profile) -> profiles_pb2.DeviceProfile:
                 description=p.description,
                 max_length=p.max_length,
                 max_items=p.max_items,
+                alarm_severity=p.alarm_severity,
             )
             for p in profile.properties
         ],
@@ -248,6 +249,7 @@ def profile_from_proto(message: profiles_pb2.DeviceProfile) -> Profile:
                 description=p.description,
                 max_length=p.max_length or 256,
                 max_items=p.max_items or 64,
+                alarm_severity=p.alarm_severity,
             )
         )
     return Profile(

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from citytwin.v1 import devices_pb2 as citytwin_dot_v1_dot_devices__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63itytwin/v1/profiles.proto\x12\x0b\x63itytwin.v1\x1a\x19\x63itytwin/v1/devices.proto\"\xfd\x01\n\x0cPropertySpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.citytwin.v1.PropertyType\x12\x10\n\x08writable\x18\x03 \x01(\x08\x12\x14\n\x07minimum\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x61llowed_values\x18\x06 \x03(\t\x12\x0c\n\x04unit\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x12\n\nmax_length\x18\t \x01(\x05\x12\x11\n\tmax_items\x18\n \x01(\x05\x42\n\n\x08_minimumB\n\n\x08_maximum\"\xcc\x01\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.citytwin.v1.DeviceKind\x12-\n\nproperties\x18\x04 \x03(\x0b\x32\x19.citytwin.v1.PropertySpec\x12\x0f\n\x07\x62uiltin\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x07 \x01(\x05\"!\n\x11GetProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListProfilesRequest\"D\n\x14ListProfilesResponse\x12,\n\x08profiles\x18\x01 \x03(\x0b\x32\x1a.citytwin.v1.DeviceProfile\"C\n\x14\x43reateProfileRequest\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.citytwin.v1.DeviceProfile*v\n\x0cPropertyType\x12\x1d\n\x19PROPERTY_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOLEAN\x10\x01\x12\x0b\n\x07INTEGER\x10\x02\x12\n\n\x06NUMBER\x10\x03\x12\n\n\x06STRING\x10\x04\x12\n\n\x06OBJECT\x10\x05\x12\t\n\x05\x41RRAY\x10\x06\x32\xff\x01\n\x0eProfileService\x12H\n\nGetProfile\x12\x1e.citytwin.v1.GetProfileRequest\x1a\x1a.citytwin.v1.DeviceProfile\x12S\n\x0cListProfiles\x12 .citytwin.v1.ListProfilesRequest\x1a!.citytwin.v1.ListProfilesResponse\x12N\n\rCreateProfile\x12!.citytwin.v1.CreateProfileRequest\x1a\x1a.citytwin.v1.DeviceProfileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63itytwin/v1/profiles.proto\x12\x0b\x63itytwin.v1\x1a\x19\x63itytwin/v1/devices.proto\"\x95\x02\n\x0cPropertySpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\'\n\x04type\x18\x02 \x01(\x0e\x32\x19.citytwin.v1.PropertyType\x12\x10\n\x08writable\x18\x03 \x01(\x08\x12\x14\n\x07minimum\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x16\n\x0e\x61llowed_values\x18\x06 \x03(\t\x12\x0c\n\x04unit\x18\x07 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x08 \x01(\t\x12\x12\n\nmax_length\x18\t \x01(\x05\x12\x11\n\tmax_items\x18\n \x01(\x05\x12\x16\n\x0e\x61larm_severity\x18\x0b \x01(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\xcc\x01\n\rDeviceProfile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.citytwin.v1.DeviceKind\x12-\n\nproperties\x18\x04 \x03(\x0b\x32\x19.citytwin.v1.PropertySpec\x12\x0f\n\x07\x62uiltin\x18\x05 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x07 \x01(\x05\"!\n\x11GetProfileRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13ListProfilesRequest\"D\n\x14ListProfilesResponse\x12,\n\x08profiles\x18\x01 \x03(\x0b\x32\x1a.citytwin.v1.DeviceProfile\"C\n\x14\x43reateProfileRequest\x12+\n\x07profile\x18\x01 \x01(\x0b\x32\x1a.citytwin.v1.DeviceProfile*v\n\x0cPropertyType\x12\x1d\n\x19PROPERTY_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x42OOLEAN\x10\x01\x12\x0b\n\x07INTEGER\x10\x02\x12\n\n\x06NUMBER\x10\x03\x12\n\n\x06STRING\x10\x04\x12\n\n\x06OBJECT\x10\x05\x12\t\n\x05\x41RRAY\x10\x06\x32\xff\x01\n\x0eProfileService\x12H\n\nGetProfile\x12\x1e.citytwin.v1.GetProfileRequest\x1a\x1a.citytwin.v1.DeviceProfile\x12S\n\x0cListProfiles\x12 .citytwin.v1.ListProfilesRequest\x1a!.citytwin.v1.ListProfilesResponse\x12N\n\rCreateProfile\x12!.citytwin.v1.CreateProfileRequest\x1a\x1a.citytwin.v1.DeviceProfileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'citytwin.v1.profiles_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROPERTYTYPE']._serialized_start=730
-  _globals['_PROPERTYTYPE']._serialized_end=848
+  _globals['_PROPERTYTYPE']._serialized_start=754
+  _globals['_PROPERTYTYPE']._serialized_end=872
   _globals['_PROPERTYSPEC']._serialized_start=71
-  _globals['_PROPERTYSPEC']._serialized_end=324
-  _globals['_DEVICEPROFILE']._serialized_start=327
-  _globals['_DEVICEPROFILE']._serialized_end=531
-  _globals['_GETPROFILEREQUEST']._serialized_start=533
-  _globals['_GETPROFILEREQUEST']._serialized_end=566
-  _globals['_LISTPROFILESREQUEST']._serialized_start=568
-  _globals['_LISTPROFILESREQUEST']._serialized_end=589
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=591
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=659
-  _globals['_CREATEPROFILEREQUEST']._serialized_start=661
-  _globals['_CREATEPROFILEREQUEST']._serialized_end=728
-  _globals['_PROFILESERVICE']._serialized_start=851
-  _globals['_PROFILESERVICE']._serialized_end=1106
+  _globals['_PROPERTYSPEC']._serialized_end=348
+  _globals['_DEVICEPROFILE']._serialized_start=351
+  _globals['_DEVICEPROFILE']._serialized_end=555
+  _globals['_GETPROFILEREQUEST']._serialized_start=557
+  _globals['_GETPROFILEREQUEST']._serialized_end=590
+  _globals['_LISTPROFILESREQUEST']._serialized_start=592
+  _globals['_LISTPROFILESREQUEST']._serialized_end=613
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=615
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=683
+  _globals['_CREATEPROFILEREQUEST']._serialized_start=685
+  _globals['_CREATEPROFILEREQUEST']._serialized_end=752
+  _globals['_PROFILESERVICE']._serialized_start=875
+  _globals['_PROFILESERVICE']._serialized_end=1130
 # @@protoc_insertion_point(module_scope)

@@ -80,6 +80,7 @@ class PropertySpec(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     MAX_LENGTH_FIELD_NUMBER: _builtins.int
     MAX_ITEMS_FIELD_NUMBER: _builtins.int
+    ALARM_SEVERITY_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Dotted path from the document root, e.g. `brightness`, `energy.total_wh`,
     `schedule[].level` for a member of each element of the `schedule` array.
@@ -100,6 +101,11 @@ class PropertySpec(_message.Message):
     """For STRING properties: the longest value allowed, in characters; 0 means 256."""
     max_items: _builtins.int
     """For ARRAY properties: the most elements allowed; 0 means 64."""
+    alarm_severity: _builtins.str
+    """For BOOLEAN fault flags (e.g. `faults.lamp_failure`): the severity of the alarm raised
+    while the device reports it true: `critical`, `major`, `minor` or `warning`. Empty for
+    ordinary properties. See AlarmService.
+    """
     @_builtins.property
     def allowed_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """For STRING properties: the only values allowed, if not empty."""
@@ -117,10 +123,11 @@ class PropertySpec(_message.Message):
         description: _builtins.str = ...,
         max_length: _builtins.int = ...,
         max_items: _builtins.int = ...,
+        alarm_severity: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "allowed_values", b"allowed_values", "description", b"description", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "path", b"path", "type", b"type", "unit", b"unit", "writable", b"writable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "alarm_severity", b"alarm_severity", "allowed_values", b"allowed_values", "description", b"description", "max_items", b"max_items", "max_length", b"max_length", "maximum", b"maximum", "minimum", b"minimum", "path", b"path", "type", b"type", "unit", b"unit", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
     _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015

@@ -82,6 +82,12 @@ class _ChangeTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ChangeType
     """
     SYNC_STATUS_CHANGED: _ChangeType.ValueType  # 8
     """The twin's sync status changed state; `sync_status` holds it after."""
+    ALARM_RAISED: _ChangeType.ValueType  # 9
+    """A device reported a fault (see AlarmService); `patch` holds the alarm."""
+    ALARM_ACKNOWLEDGED: _ChangeType.ValueType  # 10
+    """An operator acknowledged an alarm; `patch` holds the alarm."""
+    ALARM_CLEARED: _ChangeType.ValueType  # 11
+    """A device reported a fault gone; `patch` holds the alarm."""
 
 class ChangeType(_ChangeType, metaclass=_ChangeTypeEnumTypeWrapper):
     """What happened in a change feed entry."""
@@ -108,6 +114,12 @@ DEVICE_OFFLINE: ChangeType.ValueType  # 7
 """
 SYNC_STATUS_CHANGED: ChangeType.ValueType  # 8
 """The twin's sync status changed state; `sync_status` holds it after."""
+ALARM_RAISED: ChangeType.ValueType  # 9
+"""A device reported a fault (see AlarmService); `patch` holds the alarm."""
+ALARM_ACKNOWLEDGED: ChangeType.ValueType  # 10
+"""An operator acknowledged an alarm; `patch` holds the alarm."""
+ALARM_CLEARED: ChangeType.ValueType  # 11
+"""A device reported a fault gone; `patch` holds the alarm."""
 Global___ChangeType: _TypeAlias = ChangeType  # noqa: Y015
 
 @_typing.final
