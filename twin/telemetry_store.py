@@ -11,17 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import Q
 
 from twin.access import Principal
 from twin.change_feed import FeedNotifier
+from twin.energy import METER, DailyEnergy, Reading, energy_by_group, energy_per_device_day
 from twin.errors import InvalidArgument
 from twin.models import TelemetrySample
 from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
-from twin.registry import get_device
+from twin.registry import get_device, scan_devices
+from twin.selectors import Selector
 from twin.senml import Measurement, SenmlError, latest_values, reported_patch
 from twin.twin_store import TwinView, update_document
 
@@ -134,3 +137,44 @@ async def trim_telemetry(retention: timedelta) -> int:
     """Delete samples older than the retention period; returns how many."""
     deleted: int = await TelemetrySample.filter(at__lt=datetime.now(UTC) - retention).delete()
     return deleted
+
+
+_MAX_DAYS = 366
+_ID_CHUNK = 500
+
+
+async def summarize_energy(
+    selector: Selector,
+    label_key: str,
+    first: date,
+    last: date,
+    tz: ZoneInfo,
+    principal: Principal,
+) -> list[DailyEnergy]:
+    """Energy per day and label value for the devices `selector` matches (see energy.py)."""
+    if selector.uses_twin_values:
+        raise InvalidArgument("energy filters may only use device attributes and labels")
+    if not label_key:
+        raise InvalidArgument("group_by_label is required, e.g. district")
+    if last < first or (last - first).days >= _MAX_DAYS:
+        raise InvalidArgument(f"end_date must be on or after start_date, at most {_MAX_DAYS} days")
+    groups = {
+        view.id: view.labels.get(label_key, "")
+        async for view, _ in scan_devices(selector.combine(principal.scope))
+    }
+    # One day of margin before the first: the step into the first day needs the reading
+    # before it.
+    start = datetime.combine(first - timedelta(days=1), time(), tz)
+    end = datetime.combine(last + timedelta(days=1), time(), tz)
+    ids = list(groups)
+    readings: list[Reading] = []
+    for i in range(0, len(ids), _ID_CHUNK):
+        rows = await TelemetrySample.filter(
+            device_id__in=ids[i : i + _ID_CHUNK],
+            name=METER,
+            at__gte=start,
+            at__lt=end,
+            number__isnull=False,
+        ).values_list("device_id", "at", "number")
+        readings.extend(Reading(str(d), at, float(n)) for d, at, n in rows)
+    return energy_by_group(energy_per_device_day(readings, tz), groups, first, last)

@@ -7,6 +7,7 @@ from typing import Any
 from twin.cli import (
     alarm_commands,
     device_commands,
+    energy_commands,
     provisioning_commands,
     simulate_commands,
     twin_commands,
@@ -18,6 +19,7 @@ def register(commands: Any) -> None:
     `enrollments`, `groups`, `certs`, `audit`) and `simulate`."""
     device_commands.register(commands)
     alarm_commands.register(commands)
+    energy_commands.register(commands)
     twin_commands.register(commands)
     provisioning_commands.register(commands)
     simulate_commands.register(commands)

@@ -41,6 +41,7 @@ METHOD_PERMISSIONS: dict[str, Permission] = {
     "/citytwin.v1.TwinService/QueryTwins": Permission.TWINS_READ,
     "/citytwin.v1.TwinService/WatchTwins": Permission.FEED_WATCH,
     "/citytwin.v1.TwinService/ReadTelemetry": Permission.TWINS_READ,
+    "/citytwin.v1.TwinService/SummarizeEnergy": Permission.TWINS_READ,
     "/citytwin.v1.AlarmService/ListAlarms": Permission.ALARMS_READ,
     "/citytwin.v1.AlarmService/GetAlarm": Permission.ALARMS_READ,
     "/citytwin.v1.AlarmService/AcknowledgeAlarm": Permission.ALARMS_ACKNOWLEDGE,

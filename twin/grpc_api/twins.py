@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC
+from datetime import UTC, date
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from citytwin.v1 import twins_pb2, twins_pb2_grpc
 from twin import change_feed, twin_store
@@ -19,7 +20,7 @@ from twin.grpc_api.convert import (
 )
 from twin.grpc_api.interceptor import current_principal
 from twin.selectors import parse_selector
-from twin.telemetry_store import read_telemetry
+from twin.telemetry_store import read_telemetry, summarize_energy
 
 
 class TwinServicer(twins_pb2_grpc.TwinServiceServicer):
@@ -111,3 +112,39 @@ class TwinServicer(twins_pb2_grpc.TwinServiceServicer):
         return twins_pb2.ReadTelemetryResponse(
             samples=[sample_to_proto(sample) for sample in page], next_page_token=token
         )
+
+    async def SummarizeEnergy(
+        self, request: twins_pb2.SummarizeEnergyRequest, context: Any
+    ) -> twins_pb2.SummarizeEnergyResponse:
+        first = _date(request.start_date, "start_date")
+        last = _date(request.end_date, "end_date") if request.end_date else first
+        try:
+            tz = ZoneInfo(request.time_zone or "UTC")
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidArgument(f"time_zone {request.time_zone!r} is not an IANA zone") from None
+        rows = await summarize_energy(
+            parse_selector(request.filter),
+            request.group_by_label,
+            first,
+            last,
+            tz,
+            current_principal(),
+        )
+        return twins_pb2.SummarizeEnergyResponse(
+            rows=[
+                twins_pb2.EnergyRow(
+                    group=r.group,
+                    date=r.day.isoformat(),
+                    energy_wh=r.energy_wh,
+                    devices=r.devices,
+                )
+                for r in rows
+            ]
+        )
+
+
+def _date(text: str, field: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidArgument(f"{field} must be YYYY-MM-DD, not {text!r}") from None

@@ -774,3 +774,101 @@ class ReadTelemetryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadTelemetryResponse: _TypeAlias = ReadTelemetryResponse  # noqa: Y015
+
+@_typing.final
+class SummarizeEnergyRequest(_message.Message):
+    """Request for TwinService.SummarizeEnergy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_BY_LABEL_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    group_by_label: _builtins.str
+    """The label whose values form the groups, e.g. `district`. Devices without it form the
+    group "". Required.
+    """
+    filter: _builtins.str
+    """A selector on device attributes and labels, e.g. `kind=lamp`; empty for all devices."""
+    start_date: _builtins.str
+    """First day, `YYYY-MM-DD`, in `time_zone`. Required."""
+    end_date: _builtins.str
+    """Last day (inclusive), `YYYY-MM-DD`; empty for `start_date`."""
+    time_zone: _builtins.str
+    """IANA time zone the days are counted in, e.g. `Europe/Amsterdam`; empty for UTC."""
+    def __init__(
+        self,
+        *,
+        group_by_label: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_date", b"end_date", "filter", b"filter", "group_by_label", b"group_by_label", "start_date", b"start_date", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeEnergyRequest: _TypeAlias = SummarizeEnergyRequest  # noqa: Y015
+
+@_typing.final
+class EnergyRow(_message.Message):
+    """Energy of one group on one day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUP_FIELD_NUMBER: _builtins.int
+    DATE_FIELD_NUMBER: _builtins.int
+    ENERGY_WH_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """The label value."""
+    date: _builtins.str
+    """The day, `YYYY-MM-DD`."""
+    energy_wh: _builtins.float
+    """Energy used, in Wh."""
+    devices: _builtins.int
+    """How many devices of the group reported consumption that day."""
+    def __init__(
+        self,
+        *,
+        group: _builtins.str = ...,
+        date: _builtins.str = ...,
+        energy_wh: _builtins.float = ...,
+        devices: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date", b"date", "devices", b"devices", "energy_wh", b"energy_wh", "group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnergyRow: _TypeAlias = EnergyRow  # noqa: Y015
+
+@_typing.final
+class SummarizeEnergyResponse(_message.Message):
+    """Response of TwinService.SummarizeEnergy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnergyRow]:
+        """One row per group and day with consumption, sorted by group then day."""
+
+    def __init__(
+        self,
+        *,
+        rows: _abc.Iterable[Global___EnergyRow] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeEnergyResponse: _TypeAlias = SummarizeEnergyResponse  # noqa: Y015

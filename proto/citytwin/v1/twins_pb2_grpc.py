@@ -75,6 +75,11 @@ class TwinServiceStub:
                 request_serializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.SerializeToString,
                 response_deserializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.FromString,
                 _registered_method=True)
+        self.SummarizeEnergy = channel.unary_unary(
+                '/citytwin.v1.TwinService/SummarizeEnergy',
+                request_serializer=citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyRequest.SerializeToString,
+                response_deserializer=citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyResponse.FromString,
+                _registered_method=True)
 
 
 class TwinServiceServicer:
@@ -150,6 +155,15 @@ class TwinServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SummarizeEnergy(self, request, context):
+        """Sums the energy devices used per local day, grouped by the value of one label (e.g.
+        `district`), from the cumulative `energy.total_wh` meter readings they send as telemetry:
+        how a city sees what a dimming schedule saves. At most 366 days per request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TwinServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +201,11 @@ def add_TwinServiceServicer_to_server(servicer, server):
                     servicer.ReadTelemetry,
                     request_deserializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.FromString,
                     response_serializer=citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.SerializeToString,
+            ),
+            'SummarizeEnergy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeEnergy,
+                    request_deserializer=citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyRequest.FromString,
+                    response_serializer=citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -384,6 +403,33 @@ class TwinService:
             '/citytwin.v1.TwinService/ReadTelemetry',
             citytwin_dot_v1_dot_twins__pb2.ReadTelemetryRequest.SerializeToString,
             citytwin_dot_v1_dot_twins__pb2.ReadTelemetryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeEnergy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/citytwin.v1.TwinService/SummarizeEnergy',
+            citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyRequest.SerializeToString,
+            citytwin_dot_v1_dot_twins__pb2.SummarizeEnergyResponse.FromString,
             options,
             channel_credentials,
             insecure,

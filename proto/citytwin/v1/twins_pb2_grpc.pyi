@@ -75,6 +75,11 @@ class TwinServiceStub:
     [start_time, end_time). Samples are kept for the telemetry retention period
     (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
     """
+    SummarizeEnergy: _grpc.UnaryUnaryMultiCallable[_twins_pb2.SummarizeEnergyRequest, _twins_pb2.SummarizeEnergyResponse]
+    """Sums the energy devices used per local day, grouped by the value of one label (e.g.
+    `district`), from the cumulative `energy.total_wh` meter readings they send as telemetry:
+    how a city sees what a dimming schedule saves. At most 366 days per request.
+    """
 
 @_typing.type_check_only
 class TwinServiceAsyncStub(TwinServiceStub):
@@ -122,6 +127,11 @@ class TwinServiceAsyncStub(TwinServiceStub):
     `/twin/telemetry` resource) in time order, optionally of one measurement, within
     [start_time, end_time). Samples are kept for the telemetry retention period
     (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
+    """
+    SummarizeEnergy: _aio.UnaryUnaryMultiCallable[_twins_pb2.SummarizeEnergyRequest, _twins_pb2.SummarizeEnergyResponse]  # type: ignore[assignment]
+    """Sums the energy devices used per local day, grouped by the value of one label (e.g.
+    `district`), from the cumulative `energy.total_wh` meter readings they send as telemetry:
+    how a city sees what a dimming schedule saves. At most 366 days per request.
     """
 
 class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -209,6 +219,17 @@ class TwinServiceServicer(metaclass=_abc_1.ABCMeta):
         `/twin/telemetry` resource) in time order, optionally of one measurement, within
         [start_time, end_time). Samples are kept for the telemetry retention period
         (CITYTWIN_TELEMETRY_RETENTION); the latest value of each is also in the reported state.
+        """
+
+    @_abc_1.abstractmethod
+    def SummarizeEnergy(
+        self,
+        request: _twins_pb2.SummarizeEnergyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_twins_pb2.SummarizeEnergyResponse, _abc.Awaitable[_twins_pb2.SummarizeEnergyResponse]]:
+        """Sums the energy devices used per local day, grouped by the value of one label (e.g.
+        `district`), from the cumulative `energy.total_wh` meter readings they send as telemetry:
+        how a city sees what a dimming schedule saves. At most 366 days per request.
         """
 
 def add_TwinServiceServicer_to_server(servicer: TwinServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
