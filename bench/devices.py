@@ -408,10 +408,15 @@ class Observer:
         self._follower = asyncio.create_task(self._follow(aiter(self._request.observation)))
 
     async def _follow(self, notifications: Any) -> None:
+        # aiocoap's iterator has __anext__ but no __aiter__, so no `async for` over it.
         try:
-            async for notification in notifications:
+            while True:
+                notification = await anext(notifications)
                 self.arrivals.append((time.perf_counter(), notification.payload))
                 self._arrived.set()
+        except StopAsyncIteration:  # the server ended the observation
+            self.failure = RuntimeError("observation ended by the server")
+            self._arrived.set()
         except Exception as failure:  # the observation ended with an error
             self.failure = failure
             self._arrived.set()

@@ -9,6 +9,7 @@ device (its principal is scoped to itself).
   once through the change feed (see device_observers.py). Each answer carries an ETag, so a
   device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed.
 * `POST /twin/telemetry`: measurements as SenML (RFC 8428), see telemetry_store.py.
+* `GET /twin/dimming-plan`: a lamp's schedule as concrete times for today and tomorrow.
 * `POST /twin/heartbeat`: nothing but "I am here", for devices with nothing to report.
 
 Every request a device makes counts as a sign of life (liveness_store.py).
@@ -18,8 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiocoap
 import aiocoap.interfaces
@@ -41,8 +43,10 @@ from twin.device_payloads import (
     encode_document,
     etag_of,
 )
-from twin.errors import InvalidArgument
+from twin.dimming_schedule import parse_schedule, resolve_schedule
+from twin.errors import FailedPrecondition, InvalidArgument
 from twin.liveness_store import Liveness
+from twin.registry import get_device
 from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
 from twin.telemetry_store import record_telemetry
 from twin.twin_store import TwinView, get_twin, update_document
@@ -224,6 +228,44 @@ class Telemetry(BoundedResource):
         return response
 
 
+class DimmingPlan(BoundedResource):
+    """`/twin/dimming-plan`: a lamp's desired dimming schedule resolved into concrete switching
+    times for today and tomorrow (local days in the service's time zone), with sunset- and
+    sunrise-relative steps computed for the lamp's location. Lamp controllers without a clock
+    for the sun fetch it once a day."""
+
+    rt = "citytwin.dimming-plan"
+    ct = f"{JSON} {CBOR}"
+
+    def __init__(self, side: DeviceSide, tz: ZoneInfo) -> None:
+        super().__init__(max_body_bytes=0)
+        self.side = side
+        self.tz = tz
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        """`[{"at": RFC 3339, "level": 0-100}, ...]` in time order."""
+        content_format = negotiate_accept(request, JSON, CBOR)
+        identity = await self.side.device(request)
+        principal = device_principal(identity.device_id)
+        device = await get_device(identity.device_id, principal)
+        twin = await get_twin(identity.device_id, principal)
+        latitude, longitude = device.location.latitude, device.location.longitude
+        if latitude is None or longitude is None:
+            raise FailedPrecondition(
+                f"device {identity.device_id} has no location; an installer must set it"
+            )
+        schedule = twin.desired.get("dimming_schedule")
+        # Checked when it was set (twin_store.check_desired_semantics).
+        entries = parse_schedule(list(schedule) if isinstance(schedule, list) else [])
+        today = datetime.now(self.tz).date()
+        plan = [
+            {"at": moment.isoformat(), "level": level}
+            for day in (today, today + timedelta(days=1))
+            for moment, level in resolve_schedule(entries, latitude, longitude, day, self.tz)
+        ]
+        return _answer(plan, request, content_format)
+
+
 class Heartbeat(BoundedResource):
     """`/twin/heartbeat`: POST (empty) to say the device is alive; 2.04."""
 
@@ -239,11 +281,12 @@ class Heartbeat(BoundedResource):
         return aiocoap.Message(code=Code.CHANGED)
 
 
-def add_device_resources(site: aiocoap.resource.Site, side: DeviceSide) -> None:
-    """Add the device twin resources to the CoAP site."""
+def add_device_resources(site: aiocoap.resource.Site, side: DeviceSide, tz: ZoneInfo) -> None:
+    """Add the device twin resources to the CoAP site; `tz` is the city's time zone."""
     site.add_resource(["twin"], OwnTwin(side))
     site.add_resource(["twin", "reported"], ReportedState(side))
     site.add_resource(["twin", "desired"], DesiredState(side))
     site.add_resource(["twin", "delta"], DeltaState(side))
     site.add_resource(["twin", "telemetry"], Telemetry(side))
     site.add_resource(["twin", "heartbeat"], Heartbeat(side))
+    site.add_resource(["twin", "dimming-plan"], DimmingPlan(side, tz))

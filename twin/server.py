@@ -117,7 +117,7 @@ def build_coap_site(
         aiocoap.resource.WKCResource(site.get_resources_as_linkheader, impl_info=None),
     )
     add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
-    add_device_resources(site, side)
+    add_device_resources(site, side, settings.time_zone)
     return site
 
 

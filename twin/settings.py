@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Settings:
     offline_tolerance: float = 2.5
     liveness_sweep_seconds: float = 5.0
     telemetry_retention_seconds: int = 30 * 24 * 3600
+    # The city's time zone: local days for dimming plans.
+    time_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
 
     @property
     def is_postgres(self) -> bool:
@@ -66,6 +69,13 @@ def _number(env: dict[str, str], name: str, default: float) -> float:
     if value < 0:
         raise SystemExit(f"{name} must not be negative")
     return value
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise SystemExit(f"CITYTWIN_TIME_ZONE {name!r} is not an IANA time zone") from None
 
 
 def _pair(env: dict[str, str], cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
@@ -105,6 +115,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         enroll_failure_window_seconds=_number(env, "CITYTWIN_ENROLL_FAILURE_WINDOW", 300.0),
         offline_tolerance=max(1.0, _number(env, "CITYTWIN_OFFLINE_TOLERANCE", 2.5)),
         liveness_sweep_seconds=max(0.1, _number(env, "CITYTWIN_LIVENESS_SWEEP", 5.0)),
+        time_zone=_zone(env.get("CITYTWIN_TIME_ZONE") or "UTC"),
         telemetry_retention_seconds=int(
             _number(env, "CITYTWIN_TELEMETRY_RETENTION", 30 * 24 * 3600)
         ),

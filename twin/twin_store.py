@@ -21,6 +21,7 @@ from twin.access import Principal
 from twin.alarm_store import apply_report
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.delta import compute_delta
+from twin.dimming_schedule import parse_schedule
 from twin.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -116,6 +117,19 @@ def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Do
     return applied
 
 
+def check_desired_semantics(patch: Document) -> None:
+    """Rules beyond a profile's types and ranges: a dimming schedule must be one a lamp can
+    run (times, sun events, offsets). Arrays replace whole in a merge patch, so checking the
+    patch's schedule checks the resulting one."""
+    schedule = patch.get("dimming_schedule")
+    # Not a list (or null, deleting it) is the profile's to refuse, already done.
+    if isinstance(schedule, list):
+        try:
+            parse_schedule(list(schedule), "desired.dimming_schedule")
+        except ValueError as bad:
+            raise InvalidArgument(str(bad)) from None
+
+
 def _change_type(which: DocumentName) -> ChangeType:
     return ChangeType.DESIRED_UPDATED if which == "desired" else ChangeType.REPORTED_UPDATED
 
@@ -139,6 +153,8 @@ async def update_document(
     patch, ack = split_acknowledgement(patch) if which == "reported" else (patch, None)
     profile = await get_profile(device.model)
     validate_patch(profile, patch, document=which)
+    if which == "desired":
+        check_desired_semantics(patch)
     async with in_transaction() as conn:
         row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
         if expected_version and row.version != expected_version:
@@ -194,6 +210,7 @@ async def bulk_update_desired(
         async for view, _ in scan_devices(selector.combine(principal.scope))
         if view.state != LifecycleState.DECOMMISSIONED
     ]
+    check_desired_semantics(patch)
     # Refuse the whole update up front if any matched model cannot take the patch.
     for model in sorted({d.model for d in devices}):
         try:

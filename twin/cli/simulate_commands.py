@@ -342,7 +342,11 @@ def register(commands: Any) -> None:
             option, type=_count, default=0, metavar="N", help=f"how many {what} (default 0)"
         )
     fleet.add_argument(
-        "--interval", type=_positive_seconds, default=10.0, metavar="S", help="report interval (10)"
+        "--interval",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds between reports (%(default)g)",
     )
     fleet.add_argument(
         "--fault-rate",
@@ -367,7 +371,9 @@ def register(commands: Any) -> None:
     fleet.add_argument(
         "--label", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
-    fleet.add_argument("--seed", type=int, help="repeat a run's behaviour (default: random)")
+    fleet.add_argument(
+        "--seed", type=int, metavar="N", help="repeat a run's behaviour (default: random)"
+    )
     fleet.add_argument(
         "--enroll-concurrency",
         type=_positive_int,
@@ -395,5 +401,10 @@ def register(commands: Any) -> None:
     )
     coap.add_argument(
         "--ca", type=Path, metavar="FILE", help="the fleet CA certificates (PEM) to trust instead"
+    )
+    simulate.epilog = (
+        f"Devices are labelled {RUN_LABEL}=RUN besides --label. Exit status: 0, or "
+        f"{EXIT_PARTIAL} if some devices never enrolled, or {EXIT_FAILED} if the run could not "
+        "start (no CA, a token that may not create enrollments)."
     )
     simulate.set_defaults(func=_simulate)

@@ -125,7 +125,10 @@ def device_from_proto(device_id: str, message: devices_pb2.Device) -> DeviceView
         model=message.model,
         serial_number=message.serial_number,
         labels=dict(message.labels),
-        location=location_from_proto(message.location),
+        # No location given is an unknown location, not the point 0/0 off the coast of Ghana.
+        location=location_from_proto(message.location)
+        if message.HasField("location")
+        else Location(),
     )
 
 

@@ -227,8 +227,10 @@ class Fleet:
                 await asyncio.gather(*late, return_exceptions=True)
         finally:
             stopped.cancel()
+            # Only left running if `run` itself was cancelled; they still get to close.
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await enroller.close()
 
     async def _live(
