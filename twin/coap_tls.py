@@ -275,6 +275,8 @@ def peer_address(request: aiocoap.Message) -> str:
 # messages are far smaller than one TLS record (16 KiB), so a record-sized buffer costs
 # nothing but a few more reads when a big burst arrives.
 READ_BUFFER_BYTES = 16 * 1024 + 512
+# The largest CoAP message a device may send in one piece (a 64 KiB report plus headers).
+MAX_MESSAGE_BYTES = 72 * 1024
 
 
 def _shrink_read_buffer(tls_transport: asyncio.Transport) -> None:
@@ -405,6 +407,11 @@ class _Gate(asyncio.Protocol):
 
 class _TlsConnection(TcpConnection):  # type: ignore[misc]
     """One device connection: aiocoap's, plus its certificate, peer host and idle timer."""
+
+    # Announced in our CSM (RFC 8323 Max-Message-Size) and enforced on receipt; aiocoap's
+    # 1 MiB would let every connection hold a megabyte before any resource can refuse it.
+    # Larger bodies go block-wise (which resources bound themselves).
+    _my_max_message_size = MAX_MESSAGE_BYTES
 
     def __init__(self, server: _TlsServer) -> None:
         super().__init__(server, server.log, server.loop, is_server=True)

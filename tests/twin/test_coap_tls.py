@@ -66,6 +66,7 @@ from provisioning.csr_policy import inspect_csr
 from tests.conftest import free_port
 from twin import coap_tls
 from twin.coap_tls import (
+    MAX_MESSAGE_BYTES,
     READ_BUFFER_BYTES,
     TlsListener,
     add_client_ca,
@@ -613,3 +614,24 @@ async def test_connections_read_through_a_small_buffer(serve: Serve, pki: Pki) -
         big = aiocoap.Message(code=aiocoap.POST, uri=served.coaps + "/who", payload=b"x" * 100_000)
         response = await asyncio.wait_for(client.request(big).response, 5)
         assert response.payload == b"100000"
+
+
+async def test_messages_beyond_the_announced_size_end_the_connection(
+    serve: Serve, pki: Pki
+) -> None:
+    served = await serve()
+    async with device_client(pki, pki.device) as client:
+        # aiocoap's client honours the announced size and goes block-wise by itself.
+        big = aiocoap.Message(code=aiocoap.POST, uri=served.coaps + "/who", payload=b"x" * 100_000)
+        response = await asyncio.wait_for(client.request(big).response, 5)
+        assert response.payload == b"100000"
+    async with raw_tls(pki, served.listener.port, pki.device) as raw:
+        code, _, options = await asyncio.wait_for(raw.frame(), 3)
+        # The server's CSM: option 2 (Max-Message-Size), delta 2, 3-byte value.
+        assert code == CSM and options[0] == 0x23
+        assert int.from_bytes(options[1:4], "big") == MAX_MESSAGE_BYTES
+        # One message announcing more than that: the server aborts the connection.
+        length = MAX_MESSAGE_BYTES + 1
+        raw.writer.write(bytes([15 << 4, 0x02]) + (length - 65805).to_bytes(4, "big"))
+        codes = await read_to_eof(raw, 3)
+        assert codes == [0xE5]  # 7.05 Abort

@@ -25,6 +25,7 @@ from twin.merge_patch import apply_merge_patch
 from twin.profiles import validate_patch
 from twin.senml import SENML_CBOR, decode_pack, latest_values, reported_patch
 from twin.simulator.devices import (
+    FAULTS,
     MODELS,
     Behaviour,
     DeviceState,
@@ -66,6 +67,11 @@ def energy(state: DeviceState) -> dict[str, Any]:
 def test_what_a_new_device_reports_fits_its_profile(kind: Kind) -> None:
     profile = builtin_profile(MODELS[kind])
     assert profile is not None
+    # Every fault flag the profile declares can be raised.
+    flags = {
+        s.path.removeprefix("faults.") for s in profile.properties if s.path.startswith("faults.")
+    }
+    assert flags == set(FAULTS[kind])
     rng = random.Random(3)
     state = new_state(kind, rng, now=0.0)
     validate_patch(profile, state.actual, document="reported")
