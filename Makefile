@@ -71,6 +71,9 @@ migrations: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/twin_updates.py
 	$(BIN)/python bench/enroll.py
+	$(BIN)/python bench/device_reports.py
+	$(BIN)/python bench/desired_push.py
+	$(BIN)/python bench/connections.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

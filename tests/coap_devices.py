@@ -14,46 +14,22 @@ from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import AttributeOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
 from tests.conftest import Api, Database, Server, run_cli, unique
 from twin.coap_tls import client_ssl_context, device_client_context
+from twin.simulator.devices import key_pem, make_csr
+from twin.simulator.devices import new_device_key as new_key
 
 PKCS7 = 281
 PKCS10 = 286
 PKIX_CERT = 287
 
 
-def new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def make_csr(
-    key: ec.EllipticCurvePrivateKey,
-    serial: str | None,
-    code: str | None = None,
-    common_name: str = "device",
-) -> bytes:
-    """A DER PKCS#10 request with subject serialNumber and an optional challengePassword."""
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if serial is not None:
-        names.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial))
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(names))
-    if code is not None:
-        builder = builder.add_attribute(AttributeOID.CHALLENGE_PASSWORD, code.encode())
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
-
-
 def pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
 
 
 @dataclass

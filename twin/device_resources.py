@@ -7,7 +7,9 @@ device (its principal is scoped to itself).
   validated against the profile and answered 2.04 only once committed.
 * `GET /twin/desired`, `GET /twin/delta`: observable (RFC 7641); a change reaches observers at
   once through the change feed (see device_observers.py). Each answer carries an ETag, so a
-  device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed.
+  device waking up can ask with it and get a bodiless 2.03 Valid if nothing changed. The
+  desired state's ETag is its version (8 bytes, big-endian), which acknowledgements
+  (`"$ack": {"version": ...}` in a report) name.
 * `POST /twin/telemetry`: measurements as SenML (RFC 8428), see telemetry_store.py.
 * `GET /twin/dimming-plan`: a lamp's schedule as concrete times for today and tomorrow.
 * `POST /twin/heartbeat`: nothing but "I am here", for devices with nothing to report.
@@ -67,8 +69,10 @@ class DeviceSide:
         return identity
 
 
-def _answer(document: object, request: aiocoap.Message, content_format: int) -> aiocoap.Message:
-    etag = etag_of(document)
+def _answer(
+    document: object, request: aiocoap.Message, content_format: int, etag: bytes | None = None
+) -> aiocoap.Message:
+    etag = etag or etag_of(document)
     if etag in (request.opt.etags or ()):
         response = aiocoap.Message(code=Code.VALID)
     else:
@@ -99,6 +103,7 @@ class OwnTwin(BoundedResource):
         body = {
             "device": identity.device_id,
             "version": twin.version,
+            "desired_version": twin.desired_version,
             "desired": twin.desired,
             "reported": twin.reported,
             "delta": twin.delta,
@@ -163,7 +168,11 @@ class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):
         content_format = negotiate_accept(request, JSON, CBOR)
         identity = await self.side.device(request)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
-        return _answer(type(self).view(twin), request, content_format)
+        return _answer(type(self).view(twin), request, content_format, self.etag(twin))
+
+    def etag(self, twin: TwinView) -> bytes | None:
+        """The ETag of this view (None: a hash of the content)."""
+        return None
 
     def get_link_description(self) -> dict[str, Any]:
         """Discovery attributes, marked observable."""
@@ -177,6 +186,11 @@ class DesiredState(_ObservedDocument):
 
     rt = "citytwin.twin.desired"
     document = Document.DESIRED
+
+    def etag(self, twin: TwinView) -> bytes | None:
+        """The desired version, 8 bytes big-endian: it changes exactly when desired state
+        does, and it is the version a device's `$ack` must name."""
+        return twin.desired_version.to_bytes(8, "big")
 
     @staticmethod
     def view(twin: TwinView) -> object:

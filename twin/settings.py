@@ -35,7 +35,9 @@ class Settings:
     coaps_key: Path | None = None
     coaps_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     coaps_max_connections: int = 10_000
-    coaps_idle_seconds: float = 300.0
+    # Longer than the heartbeat of any always-connected device (lamps: 300 s), so a
+    # connection is closed only after a missed heartbeat or two.
+    coaps_idle_seconds: float = 720.0
     # Plain-CoAP enrollment, for closed on-site networks only.
     allow_coap_enrollment: bool = False
     # Failed enrollment attempts allowed per source address and per serial number per window.
@@ -109,7 +111,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         coaps_key=coaps_key,
         coaps_names=names or Settings.coaps_names,
         coaps_max_connections=int(_number(env, "CITYTWIN_COAPS_MAX_CONNECTIONS", 10_000)),
-        coaps_idle_seconds=_number(env, "CITYTWIN_COAPS_IDLE_TIMEOUT", 300.0),
+        coaps_idle_seconds=_number(env, "CITYTWIN_COAPS_IDLE_TIMEOUT", 720.0),
         allow_coap_enrollment=env.get("CITYTWIN_ALLOW_COAP_ENROLLMENT", "") in ("1", "true", "yes"),
         enroll_max_failures=int(_number(env, "CITYTWIN_ENROLL_MAX_FAILURES", 5)),
         enroll_failure_window_seconds=_number(env, "CITYTWIN_ENROLL_FAILURE_WINDOW", 300.0),

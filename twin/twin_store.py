@@ -67,6 +67,7 @@ class TwinView:
     updated_at: datetime | None
     sync: dict[str, Any] | None = None
     ack: dict[str, Any] | None = None
+    desired_version: int = 0
 
 
 def view_of_twin(row: Twin) -> TwinView:
@@ -82,6 +83,7 @@ def view_of_twin(row: Twin) -> TwinView:
         updated_at=row.updated_at,
         sync=row.sync,
         ack=row.ack,
+        desired_version=row.desired_version,
     )
 
 

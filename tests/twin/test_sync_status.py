@@ -107,13 +107,17 @@ async def test_an_offline_device_is_stale_and_a_rejection_is_recorded(site: Site
         delta = await request(coap, site.coaps + "/twin/delta")
         assert json.loads(delta.payload) == {"brightness": 100, "power": True}
         assert twin_of(site, device_id).sync_status.state == t.SYNC_STATE_PENDING
+        # The desired state's ETag is the version an acknowledgement names.
+        desired = await request(coap, site.coaps + "/twin/desired")
+        version = int.from_bytes(desired.opt.etag, "big")
+        assert version == latest.version == latest.sync_status.desired_version
         await report(
             coap,
             site,
             {
                 "power": True,
                 "$ack": {
-                    "version": latest.version,
+                    "version": version,
                     "status": "rejected",
                     "reason": "driver limited to 80 %",
                     "properties": {"brightness": {"status": "rejected", "reason": "max 80"}},
