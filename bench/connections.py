@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiocoap
@@ -76,13 +77,26 @@ def bare_site() -> aiocoap.resource.Site:
     return site
 
 
-def row(label: str, before: int, after: dict[int, int]) -> None:
-    """Print one row: RSS before, then RSS and KiB per device at each device count."""
-    cells = "".join(
-        f"   {count:>5} devices: {rss / 1024:7.1f} MiB, {(rss - before) / count:6.1f} KiB/device"
-        for count, rss in after.items()
-    )
-    print(f"{label:<30} before {before / 1024:6.1f} MiB{cells}", flush=True)
+@dataclass(frozen=True)
+class Row:
+    """One server's figures: its RSS before any device connected and at each count (KiB)."""
+
+    label: str
+    before: int
+    after: dict[int, int]
+
+
+def print_table(rows: list[Row]) -> None:
+    """The table: RSS before, then RSS and KiB per device at each device count."""
+    counts = list(rows[0].after)
+    heads = "".join(f"   {f'{count} devices: RSS, per device':>36}" for count in counts)
+    print(f"{'server':<24} {'RSS before':>12}{heads}", flush=True)
+    for row in rows:
+        cells = "".join(
+            f"   {rss / 1024:>14.1f} MiB, {(rss - row.before) / count:>6.1f} KiB/device"
+            for count, rss in row.after.items()
+        )
+        print(f"{row.label:<24} {row.before / 1024:>8.1f} MiB{cells}", flush=True)
 
 
 async def grow(
@@ -136,7 +150,7 @@ async def grow(
 
 def run_bare(
     transport: str, label: str, pki: LocalPki, devices: list[DeviceCredentials], counts: list[int]
-) -> None:
+) -> Row:
     """One bare server process with `transport`, grown to each count."""
     with tempfile.TemporaryDirectory() as directory:
         pki.save(Path(directory))
@@ -155,10 +169,10 @@ def run_bare(
             )
         finally:
             server.stop()
-    row(label, before, after)
+    return Row(label, before, after)
 
 
-def run_citytwin(counts: list[int]) -> None:
+def run_citytwin(counts: list[int]) -> Row:
     """A citytwin server on SQLite: enroll, then grow to each count."""
     with tempfile.TemporaryDirectory() as home:
         db = new_database("sqlite", Path(home))
@@ -176,7 +190,7 @@ def run_citytwin(counts: list[int]) -> None:
         finally:
             server.stop()
             db.drop()
-    row("citytwin on sqlite", before, after)
+    return Row("citytwin on sqlite", before, after)
 
 
 def main() -> None:
@@ -203,9 +217,12 @@ def main() -> None:
     )
     pki = LocalPki.create()
     devices = pki.devices(counts[-1])
-    run_bare("aiocoap", "bare aiocoap tlsserver", pki, devices, counts)
-    run_bare("citytwin", "bare start_tls_server", pki, devices, counts)
-    run_citytwin(counts)
+    rows = [
+        run_bare("aiocoap", "bare aiocoap tlsserver", pki, devices, counts),
+        run_bare("citytwin", "bare start_tls_server", pki, devices, counts),
+        run_citytwin(counts),
+    ]
+    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import asyncio
 import json
 import os
 import resource
+import ssl
 import subprocess
 import sys
 import time
@@ -280,7 +281,7 @@ class LocalPki:
         (directory / "client-ca.pem").write_bytes(self.trust_pem)
 
 
-def load_server_ssl_context(directory: Path) -> Any:
+def load_server_ssl_context(directory: Path) -> ssl.SSLContext:
     """The TLS server context of a bare server, from what `LocalPki.save` wrote: citytwin's own
     `server_ssl_context`, so the handshake and its settings are the same as the server's."""
     return server_ssl_context(

@@ -62,10 +62,12 @@ class DeviceSide:
     observers: DeviceObservers
     liveness: Liveness
 
-    async def device(self, request: aiocoap.Message) -> DeviceIdentity:
-        """The device whose certificate the request's connection presented, now seen."""
+    async def device(self, request: aiocoap.Message, *, seen: bool = True) -> DeviceIdentity:
+        """The device whose certificate the request's connection presented; `seen` records
+        it as alive (not for renders the server itself triggers)."""
         identity = await identify_device(peer_certificate(request))
-        await self.liveness.seen(identity.device_id)
+        if seen:
+            await self.liveness.seen(identity.device_id)
         return identity
 
 
@@ -166,7 +168,9 @@ class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         """The current document, or 2.03 Valid if the request's ETag still matches."""
         content_format = negotiate_accept(request, JSON, CBOR)
-        identity = await self.side.device(request)
+        # A notification re-renders the registering request (Observe: 0), which was counted
+        # as a sign of life in add_observation: pushing to a device is not hearing from it.
+        identity = await self.side.device(request, seen=request.opt.observe is None)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
         return _answer(type(self).view(twin), request, content_format, self.etag(twin))
 

@@ -264,12 +264,19 @@ async def test_silent_devices_go_offline_and_come_back(own_site: Site) -> None:
         assert beat.code == Code.CHANGED
         seen = site.device(device.id)
         assert seen.online and seen.HasField("last_seen_time")
-        # Silent for longer than 10 s x 1: offline.
-        for _ in range(30):
+        # It observes its desired state and then says nothing, while changes are pushed to
+        # it: notifications the server sends are no sign of life. After 10 s x 1: offline.
+        observing = coap.request(
+            aiocoap.Message(code=aiocoap.GET, uri=site.coaps + "/twin/desired", observe=0)
+        )
+        await asyncio.wait_for(observing.response, 10)
+        for step in range(30):
+            set_desired(site.api, device.id, {"power": step % 2 == 0})
             await asyncio.sleep(0.5)
             if not site.device(device.id).online:
                 break
         assert not site.device(device.id).online
+        observing.observation.cancel()
         # Any request brings it back.
         assert (await report(coap, site, b'{"power": true}')).code == Code.CHANGED
         assert site.device(device.id).online
