@@ -102,10 +102,8 @@ def _view(row: Alarm) -> AlarmView:
     )
 
 
-async def _append(
-    conn: BaseDBAsyncClient, subject: Subject, change: ChangeType, row: Alarm
-) -> None:
-    await change_feed.append(conn, [NewEntry(subject, change, patch=_view(row).to_json())])
+def _entry(subject: Subject, change: ChangeType, row: Alarm) -> NewEntry:
+    return NewEntry(subject, change, patch=_view(row).to_json())
 
 
 async def apply_report(
@@ -115,12 +113,13 @@ async def apply_report(
     reported: Document,
     report: Document,
     now: datetime,
-) -> bool:
+) -> tuple[bool, list[NewEntry]]:
     """Raise, refresh and clear the device's alarms after a report, inside the report's
     transaction (which holds the twin's row lock, so reports of one device are serialised).
-    Returns whether any alarm changed."""
+    Returns whether any alarm changed, and the feed entries for the caller to append."""
+    entries: list[NewEntry] = []
     if not profile.fault_properties:
-        return False
+        return False, entries
     active = {
         a.property: a for a in await Alarm.filter(device_id=subject.id, active=True).using_db(conn)
     }
@@ -136,7 +135,7 @@ async def apply_report(
             first_seen_at=now,
             last_seen_at=now,
         )
-        await _append(conn, subject, ChangeType.ALARM_RAISED, row)
+        entries.append(_entry(subject, ChangeType.ALARM_RAISED, row))
     for path in changes.seen_again:
         row = active[path]
         row.last_seen_at = now
@@ -145,8 +144,8 @@ async def apply_report(
         row = active[path]
         row.active, row.cleared_at = False, now
         await row.save(using_db=conn, update_fields=["active", "cleared_at"])
-        await _append(conn, subject, ChangeType.ALARM_CLEARED, row)
-    return bool(changes)
+        entries.append(_entry(subject, ChangeType.ALARM_CLEARED, row))
+    return bool(changes), entries
 
 
 async def _scoped(alarm_id: int, principal: Principal) -> tuple[Alarm, Subject]:
@@ -178,7 +177,7 @@ async def acknowledge_alarm(
         row.acknowledged_by = actor[:300]
         row.note = note
         await row.save(using_db=conn, update_fields=["acknowledged_at", "acknowledged_by", "note"])
-        await _append(conn, subject, ChangeType.ALARM_ACKNOWLEDGED, row)
+        await change_feed.append(conn, [_entry(subject, ChangeType.ALARM_ACKNOWLEDGED, row)])
     notifier.wake()
     return _view(row)
 

@@ -44,7 +44,7 @@ async def renotify_due(observers: DeviceObservers) -> int:
             if row is None or device is None:
                 continue  # another replica claimed it, or it is gone
             observers.notify(str(device_id), _DOCUMENTS)
-            if await record_renotification(conn, row, view_of(device).subject, now):
+            if record_renotification(row, view_of(device).subject, now):
                 await row.save(using_db=conn, update_fields=["sync", "next_push_at"])
             claimed += 1
     return claimed

@@ -50,21 +50,15 @@ def ack_to_json(ack: Acknowledgement) -> dict[str, Any]:
     }
 
 
-async def refresh_sync(
-    conn: BaseDBAsyncClient,
-    row: Twin,
-    subject: Subject,
-    *,
-    online: bool,
-    ack: Acknowledgement | None,
-    now: datetime,
-) -> bool:
-    """Recompute `row`'s status in memory (the caller saves `sync` and `next_push_at`) and
-    append a feed entry if its state changed. Returns whether anything in the row changed."""
+def updated_sync(
+    row: Twin, subject: Subject, *, online: bool, ack: Acknowledgement | None, now: datetime
+) -> tuple[bool, NewEntry | None]:
+    """Recompute `row`'s status in memory (the caller saves `sync` and `next_push_at`).
+    Returns whether the row changed, and the feed entry to append if the state changed."""
     previous = status_from_json(row.sync) if row.sync else None
     delta = compute_delta(row.desired, row.reported)
     if previous is None and not delta and ack is None:
-        return False  # desired never set: nothing to reconcile
+        return False, None  # desired never set: nothing to reconcile
     status = next_sync_status(
         previous,
         delta=delta,
@@ -77,35 +71,43 @@ async def refresh_sync(
         # The change that made it pending reaches observers through the feed right now:
         # that is the first notification; the reconciler only re-notifies after it.
         status = record_push(status, now)
-    return await _store(conn, row, subject, previous, status)
+    return _store(row, subject, previous, status)
 
 
-async def record_renotification(
-    conn: BaseDBAsyncClient, row: Twin, subject: Subject, now: datetime
+async def refresh_sync(
+    conn: BaseDBAsyncClient,
+    row: Twin,
+    subject: Subject,
+    *,
+    online: bool,
+    ack: Acknowledgement | None,
+    now: datetime,
 ) -> bool:
-    """Count one more notification of a PENDING twin (inside the caller's transaction)."""
+    """`updated_sync`, appending its feed entry inside the caller's transaction."""
+    changed, entry = updated_sync(row, subject, online=online, ack=ack, now=now)
+    if entry is not None:
+        await change_feed.append(conn, [entry])
+    return changed
+
+
+def record_renotification(row: Twin, subject: Subject, now: datetime) -> bool:
+    """Count one more notification of a PENDING twin (in memory; the caller saves)."""
     previous = status_from_json(row.sync) if row.sync else None
     if previous is None or previous.state is not SyncState.PENDING:
         row.next_push_at = None
         return True
-    return await _store(conn, row, subject, previous, record_push(previous, now))
+    changed, _ = _store(row, subject, previous, record_push(previous, now))
+    return changed
 
 
-async def _store(
-    conn: BaseDBAsyncClient,
-    row: Twin,
-    subject: Subject,
-    previous: SyncStatus | None,
-    status: SyncStatus,
-) -> bool:
+def _store(
+    row: Twin, subject: Subject, previous: SyncStatus | None, status: SyncStatus
+) -> tuple[bool, NewEntry | None]:
     stored = status_to_json(status)
     if stored == row.sync:
-        return False
+        return False, None
     row.sync = stored
     row.next_push_at = next_push_due(status)
-    if previous is None or previous.state is not status.state:
-        await change_feed.append(
-            conn,
-            [NewEntry(subject, ChangeType.SYNC_STATUS_CHANGED, row.version, patch=stored)],
-        )
-    return True
+    if previous is not None and previous.state is status.state:
+        return True, None
+    return True, NewEntry(subject, ChangeType.SYNC_STATUS_CHANGED, row.version, patch=stored)

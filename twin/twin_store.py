@@ -44,7 +44,7 @@ from twin.registry import (
     set_lifecycle_state,
 )
 from twin.selectors import Selector
-from twin.sync_store import ack_to_json, refresh_sync
+from twin.sync_store import ack_to_json, updated_sync
 
 DocumentName = Literal["desired", "reported"]
 # A whole document may grow by many patches; bound it so one twin cannot eat the database.
@@ -172,20 +172,26 @@ async def update_document(
         first_report = which == "reported" and device.state != LifecycleState.ACTIVE
         if first_report:
             await set_lifecycle_state(conn, device_id, LifecycleState.ACTIVE)
+        entries: list[NewEntry] = []
         if applied:
-            await change_feed.append(
-                conn, [NewEntry(device.subject, _change_type(which), row.version, applied)]
-            )
+            entries.append(NewEntry(device.subject, _change_type(which), row.version, applied))
         if ack is not None:
             row.ack = ack_to_json(ack)
-        sync_changed = await refresh_sync(
-            conn, row, device.subject, online=device.online, ack=ack, now=now
+        sync_changed, sync_entry = updated_sync(
+            row, device.subject, online=device.online, ack=ack, now=now
         )
+        if sync_entry is not None:
+            entries.append(sync_entry)
         if applied or ack is not None or sync_changed:
             await row.save(using_db=conn)
-        alarms_changed = which == "reported" and await apply_report(
-            conn, profile, device.subject, row.reported, patch, now
-        )
+        alarms_changed = False
+        if which == "reported":
+            alarms_changed, alarm_entries = await apply_report(
+                conn, profile, device.subject, row.reported, patch, now
+            )
+            entries.extend(alarm_entries)
+        # Last, as change_feed.append wants: its ordering lock is then held only to commit.
+        await change_feed.append(conn, entries)
     if applied or first_report or sync_changed or alarms_changed:
         notifier.wake()
     return view_of_twin(row)
@@ -238,18 +244,23 @@ async def _bulk_chunk(
         .order_by("device_id")
     )
     now = datetime.now(UTC)
-    changed = 0
+    entries: list[NewEntry] = []
     for row in rows:
         applied = _apply(row, "desired", patch, now)
         if applied:
             device = by_id[row.device_id]
-            await change_feed.append(
-                conn, [NewEntry(device.subject, ChangeType.DESIRED_UPDATED, row.version, applied)]
+            entries.append(
+                NewEntry(device.subject, ChangeType.DESIRED_UPDATED, row.version, applied)
             )
-            await refresh_sync(conn, row, device.subject, online=device.online, ack=None, now=now)
+            _, sync_entry = updated_sync(
+                row, device.subject, online=device.online, ack=None, now=now
+            )
+            if sync_entry is not None:
+                entries.append(sync_entry)
             await row.save(using_db=conn)
-            changed += 1
-    return changed
+    # One append per chunk: the feed lock is taken once, not once per device.
+    await change_feed.append(conn, entries)
+    return sum(1 for e in entries if e.change_type is ChangeType.DESIRED_UPDATED)
 
 
 async def query_twins(
