@@ -26,7 +26,7 @@ For clients (devices, tests), `client_ssl_context` and `device_client_context` g
 client that presents a client certificate, which aiocoap's credentials map cannot express.
 
 A plain asyncio TLS connection costs ~290 KiB, mostly a fixed 256 KiB read buffer; each of
-ours gets a record-sized one instead (`READ_BUFFER_BYTES`; bench/connections.py measures the
+ours gets a 4 KiB one instead (`READ_BUFFER_BYTES`; bench/connections.py measures the
 cost per connected device), and `max_connections` bounds the total.
 """
 
@@ -272,9 +272,10 @@ def peer_address(request: aiocoap.Message) -> str:
 
 # asyncio's TLS protocol reads into a buffer of a fixed 256 KiB per connection (Python 3.11's
 # sslproto.SSLProtocol.max_size): most of what an idle device connection costs. Device
-# messages are far smaller than one TLS record (16 KiB), so a record-sized buffer costs
-# nothing but a few more reads when a big burst arrives.
-READ_BUFFER_BYTES = 16 * 1024 + 512
+# messages are small (a report is well under 4 KiB), and the buffer only bounds how much
+# decrypted data one read hands on: larger messages take a few more reads. (OpenSSL's own
+# record buffers are released between records: CPython sets SSL_MODE_RELEASE_BUFFERS.)
+READ_BUFFER_BYTES = 4 * 1024
 # The largest CoAP message a device may send in one piece (a 64 KiB report plus headers).
 MAX_MESSAGE_BYTES = 72 * 1024
 
