@@ -75,11 +75,10 @@ class Result:
 
 def make_csr(serial: str, code: str) -> bytes:
     """A P-256 key and a CSR for it, as a device makes them (CN, serialNumber, code)."""
-    # tests.coap_devices has the same; imported here so the bare rows need no aiocoap import.
-    from tests.coap_devices import make_csr as device_csr
-    from tests.coap_devices import new_key
+    from twin.simulator.devices import make_csr as device_csr
+    from twin.simulator.devices import new_device_key
 
-    return device_csr(new_key(), serial, code, common_name="lamp")
+    return device_csr(new_device_key(), serial, code, common_name="lamp")
 
 
 def process_cpu_seconds(pid: int) -> float | None:

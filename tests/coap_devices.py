@@ -175,9 +175,10 @@ class Site:
         return response.device.name.removeprefix("devices/"), response.enrollment_code
 
     def device(self, device_id: str) -> d.Device:
-        return self.api.call(
+        device: d.Device = self.api.call(
             self.api.devices.GetDevice, d.GetDeviceRequest(name=f"devices/{device_id}")
         )
+        return device
 
     def certificates(self, device_id: str) -> list[p.Certificate]:
         return list(
