@@ -26,6 +26,7 @@ from rich.text import Text
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
 from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name
+from twin.cli.argument_types import positive_int, positive_seconds
 from twin.cli.device_commands import add_device_arguments, device_from_args
 from twin.cli.output import (
     format_time,
@@ -126,20 +127,6 @@ def _enrollment_state(state: p.EnrollmentState.ValueType) -> str:
 
 def _certificate_state(state: p.CertificateState.ValueType) -> str:
     return p.CertificateState.Name(state).lower().removeprefix("certificate_")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text}")
-    return value
 
 
 # --- records: one dict per message; tables show some of its keys, `get` shows them all ----
@@ -583,7 +570,7 @@ def _register_install(commands: Any) -> None:
     add_device_arguments(install)
     install.add_argument(
         "--code-ttl",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="SECONDS",
         help="how long the code works (default: the policy's default)",
@@ -593,7 +580,7 @@ def _register_install(commands: Any) -> None:
     )
     install.add_argument(
         "--wait-timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_WAIT_SECONDS,
         metavar="SECONDS",
         help="give up waiting after this long, exit code 3 (default %(default)g)",
@@ -676,7 +663,7 @@ def _register_audit(commands: Any) -> None:
     audit = add_api_command(commands, "audit", "the provisioning audit log, newest first")
     audit.add_argument("--device", metavar="ID", help="only events about this device")
     audit.add_argument(
-        "--limit", type=_positive_int, default=50, metavar="N", help="at most N events (50)"
+        "--limit", type=positive_int, default=50, metavar="N", help="at most N events (50)"
     )
     audit.set_defaults(func=_audit)
 

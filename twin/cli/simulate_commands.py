@@ -36,8 +36,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from twin.cli.api_client import add_api_command
+from twin.cli.argument_types import (
+    non_negative_int,
+    positive_int,
+    positive_seconds,
+    probability,
+)
 from twin.cli.device_commands import parse_labels
-from twin.cli.provisioning_commands import _positive_int, _positive_seconds
 from twin.errors import InvalidArgument, Unauthenticated
 from twin.simulator.devices import (
     COAP_PORT,
@@ -116,20 +121,6 @@ def summary_table(counters: FleetCounters, elapsed: float, requests_per_second: 
         table.add_row(label, str(values[key]))
     table.add_row("requests per second", f"{requests_per_second:.1f}")
     return table
-
-
-def _count(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text}")
-    return value
 
 
 def _fleet_plan(args: argparse.Namespace, seed: int) -> FleetPlan:
@@ -339,32 +330,36 @@ def register(commands: Any) -> None:
     fleet = simulate.add_argument_group("devices")
     for option, what in (("--lamps", "lamps"), ("--sensors", "sensors"), ("--cameras", "cameras")):
         fleet.add_argument(
-            option, type=_count, default=0, metavar="N", help=f"how many {what} (default 0)"
+            option,
+            type=non_negative_int,
+            default=0,
+            metavar="N",
+            help=f"how many {what} (default 0)",
         )
     fleet.add_argument(
         "--interval",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=10.0,
         metavar="S",
         help="seconds between reports (%(default)g)",
     )
     fleet.add_argument(
         "--fault-rate",
-        type=_probability,
+        type=probability,
         default=0.01,
         metavar="P",
         help="probability of raising a fault at each report (%(default)g)",
     )
     fleet.add_argument(
         "--offline-rate",
-        type=_probability,
+        type=probability,
         default=0.0,
         metavar="P",
         help="probability of going offline at each report (%(default)g)",
     )
     fleet.add_argument(
         "--offline-seconds",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="mean length of an offline period (default: five intervals)",
     )
@@ -376,14 +371,14 @@ def register(commands: Any) -> None:
     )
     fleet.add_argument(
         "--enroll-concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_ENROLL_CONCURRENCY,
         metavar="N",
         help="enrollments in flight at once (%(default)d)",
     )
     fleet.add_argument(
         "--duration",
-        type=_positive_seconds,
+        type=positive_seconds,
         metavar="S",
         help="stop after S seconds (default: Ctrl-C)",
     )

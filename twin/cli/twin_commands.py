@@ -12,6 +12,7 @@ from google.protobuf.struct_pb2 import Struct
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import twins_pb2 as t
 from twin.cli.api_client import ApiClient, add_api_command, api_command, device_name, follow
+from twin.cli.argument_types import positive_int
 from twin.cli.device_commands import format_labels
 from twin.cli.output import (
     compact_json,
@@ -154,13 +155,6 @@ def _watch(args: argparse.Namespace, api: ApiClient) -> int:
     return follow(api.stream(api.twins.WatchTwins, request), show, args.limit)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def register(commands: Any) -> None:
     """Add `twin get|set-desired|watch`."""
     twin = commands.add_parser("twin", help="device twins and their change feed")
@@ -196,5 +190,5 @@ def register(commands: Any) -> None:
         metavar="CURSOR",
         help="resume after this event cursor; 0 replays the retained feed (default: from now)",
     )
-    watch.add_argument("--limit", type=_positive, metavar="N", help="stop after N events")
+    watch.add_argument("--limit", type=positive_int, metavar="N", help="stop after N events")
     watch.set_defaults(func=_watch)
