@@ -309,6 +309,20 @@ async def test_a_fleet_enrolls_reports_follows_desired_and_sends_telemetry(
             names = {s.measurement for s in samples}
             assert {"pm2_5", "pm10", "no2", "noise_db", "battery", "parking_occupied"} <= names
             assert {s.unit for s in samples if s.measurement == "noise_db"} == {"dB"}
+
+            # Lamps send their meter as telemetry, which is what energy summaries read.
+            async def meter() -> list[t.TelemetrySample] | None:
+                page = await call(
+                    api,
+                    api.twins.ReadTelemetry,
+                    t.ReadTelemetryRequest(
+                        name=f"devices/{first_lamp.device_id}", measurement="energy.total_wh"
+                    ),
+                )
+                return list(page.samples) or None
+
+            readings = await eventually(meter, "lamp meter readings")
+            assert {s.unit for s in readings} == {"Wh"}
         finally:
             stop.set()
             await asyncio.wait_for(running, 20)

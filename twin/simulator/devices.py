@@ -126,6 +126,8 @@ _UNITS: Final[Mapping[str, str]] = {
     "no2": "ug/m3",
     "noise_db": "dB",
     "battery": "%EL",
+    "energy.total_wh": "Wh",
+    "energy.power_w": "W",
 }
 _PARKING_FLIP_PROBABILITY: Final = 0.15
 _BATTERY_DRAIN_PER_REPORT: Final = 0.02
@@ -732,14 +734,30 @@ class SimulatedDevice:
         if self.kind is Kind.SENSOR:
             readings = next_readings(self.state.readings, self.rng)
             self.state = replace(self.state, readings=readings)
-            pack = senml_pack(readings, time.time())
-            if await self._post(context, "/twin/telemetry", cbor2.dumps(pack), SENML_CBOR):
-                self.counters.telemetry += 1
-            said = True
+            said = await self._telemetry(context, readings) or True
+        elif self.kind is Kind.LAMP:
+            # A lamp's meter goes out as telemetry, so the service keeps its history (energy
+            # per district and day); the report then carries the rest.
+            energy = _object(self.state.actual.get("energy"))
+            meter: Readings = {
+                "energy.total_wh": _number(energy.get("total_wh")),
+                "energy.power_w": _number(energy.get("power_w")),
+            }
+            if await self._telemetry(context, meter):
+                self._committed = apply_merge_patch(self._committed, {"energy": dict(energy)})
+                said = True
         said = await self._report(context) or said
         if not said and await self._post(context, "/twin/heartbeat", b"", None, counted=False):
             self.counters.heartbeats += 1
         return offline_period(self.behaviour, self.rng)
+
+    async def _telemetry(self, context: aiocoap.Context, readings: Readings) -> bool:
+        """POST `readings` as SenML; True if the service committed them."""
+        pack = senml_pack(readings, time.time())
+        if not await self._post(context, "/twin/telemetry", cbor2.dumps(pack), SENML_CBOR):
+            return False
+        self.counters.telemetry += 1
+        return True
 
     async def _report(self, context: aiocoap.Context) -> bool:
         """Report what changed since the last committed report, if anything; True if the
