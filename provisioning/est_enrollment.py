@@ -29,6 +29,7 @@ from provisioning.audit_log import Action, Actor
 from provisioning.certificate_authority import CertificateAuthority, issue_device_certificate
 from provisioning.csr_policy import DEFAULT_MAX_CSR_BYTES, CsrFacts, inspect_csr
 from provisioning.device_certificates import (
+    DeviceIdentity,
     device_of_certificate,
     identify_device,
     serial_hex,
@@ -98,7 +99,7 @@ class Enroller:
             Action.RENEW,
             actor,
             csr_der,
-            lambda facts: self._renew(facts, identity.device_id, identity.not_after, actor),
+            lambda facts: self._renew(facts, identity, actor),
             device_id=identity.device_id,
         )
 
@@ -213,35 +214,33 @@ class Enroller:
         return cert
 
     async def _renew(
-        self, facts: CsrFacts, device_id: str, not_after: datetime, actor: Actor
+        self, facts: CsrFacts, identity: DeviceIdentity, actor: Actor
     ) -> x509.Certificate:
-        device = await Device.filter(id=device_id).first()
-        if device is None:
-            raise Unauthenticated(f"device {device_id} does not exist")
-        if facts.serial_number != device.serial_number:
+        # identify_device checked the certificate and the device moments ago.
+        device_id, serial = identity.device_id, identity.serial_number
+        if facts.serial_number != serial:
             raise PermissionDenied(
-                f"the CSR's serial number {facts.serial_number!r} is not the device's "
-                f"{device.serial_number!r}"
+                f"the CSR's serial number {facts.serial_number!r} is not the device's {serial!r}"
             )
         policy, _ = await load_policy()
-        refusal = renewal_refusal(policy, not_after, datetime.now(UTC))
+        refusal = renewal_refusal(policy, identity.not_after, datetime.now(UTC))
         if refusal is not None:
             raise PermissionDenied(refusal)
         async with in_transaction() as conn:
             cert = issue_device_certificate(
                 self.ca,
                 facts,
-                device_id=device.id,
-                hardware_serial=device.serial_number,
+                device_id=device_id,
+                hardware_serial=serial,
                 validity_days=policy.certificate_validity_days,
             )
-            await store_issued(conn, cert, device.id, "renewal")
+            await store_issued(conn, cert, device_id, "renewal")
             await audit_log.record(
                 Action.RENEW,
                 actor,
                 success=True,
-                device_id=device.id,
-                serial_number=device.serial_number,
+                device_id=device_id,
+                serial_number=serial,
                 detail=f"issued certificates/{serial_hex(cert)} ({facts.key_description})",
                 conn=conn,
             )
