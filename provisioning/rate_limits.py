@@ -50,10 +50,6 @@ class FailureLimiter:
         while len(self._failures) > self.max_keys:
             self._failures.popitem(last=False)
 
-    def forget(self, key: str) -> None:
-        """Clear the failures of `key` (e.g. after an operator intervened)."""
-        self._failures.pop(key, None)
-
     def _recent(self, key: str, now: float) -> deque[float] | None:
         times = self._failures.get(key)
         if times is None:

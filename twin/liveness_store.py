@@ -11,13 +11,14 @@ replicas sweep together only one records it.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
+from twin.liveness import check_tolerance, silent_since
 from twin.models import Device, Twin
 from twin.profile_store import get_profile
 from twin.registry import LifecycleState, view_of
@@ -32,8 +33,7 @@ class Liveness:
     """Last-seen bookkeeping for one process."""
 
     def __init__(self, notifier: FeedNotifier, tolerance: float) -> None:
-        if tolerance < 1:
-            raise ValueError("the offline tolerance must be at least 1")
+        check_tolerance(tolerance)
         self.notifier = notifier
         self.tolerance = tolerance
         # device id -> monotonic time this replica last wrote its last_seen_at
@@ -73,23 +73,21 @@ class Liveness:
         models = await Device.filter(online=True).distinct().values_list("model", flat=True)
         for model in models:
             profile = await get_profile(str(model))
-            silent_since = now - timedelta(
-                seconds=profile.heartbeat_interval_seconds * self.tolerance
-            )
+            since = silent_since(profile.heartbeat_interval_seconds, self.tolerance, now)
             silent = await Device.filter(
-                online=True, model=model, last_seen_at__lt=silent_since
+                online=True, model=model, last_seen_at__lt=since
             ).values_list("id", flat=True)
             for device_id in silent:
-                marked += await self._mark_offline(str(device_id), silent_since)
+                marked += await self._mark_offline(str(device_id), since)
         if marked:
             self.notifier.wake()
         return marked
 
-    async def _mark_offline(self, device_id: str, silent_since: datetime) -> int:
+    async def _mark_offline(self, device_id: str, since: datetime) -> int:
         async with in_transaction() as conn:
             twin = await _locked_twin(conn, device_id)
             changed = await (
-                Device.filter(id=device_id, online=True, last_seen_at__lt=silent_since)
+                Device.filter(id=device_id, online=True, last_seen_at__lt=since)
                 .using_db(conn)
                 .update(online=False)
             )

@@ -23,7 +23,6 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any
 
-from twin.delta import compute_delta
 from twin.errors import InvalidArgument
 from twin.merge_patch import MAX_KEY_LENGTH, Document
 
@@ -365,17 +364,6 @@ def next_push_due(
         return status.since
     exponent = min(max(status.push_attempts - 1, 0), _MAX_EXPONENT)
     return status.pushed_at + timedelta(seconds=min(max_seconds, base_seconds * 2**exponent))
-
-
-def coalesced_delta(desired: Document, reported: Document) -> Document:
-    """What to send a device that wakes after any absence: exactly the current delta.
-
-    It is computed from the current documents, not replayed from the history of desired
-    updates, so it never contains intermediate values: after `brightness` was set to 40, 60
-    and then 80 while the device slept, the device gets `{"brightness": 80}` only, and
-    properties set and later reset to what the device already reports do not appear at all.
-    """
-    return compute_delta(desired, reported)
 
 
 # --- storage ---------------------------------------------------------------------------------

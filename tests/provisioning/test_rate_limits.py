@@ -43,10 +43,3 @@ def test_the_number_of_tracked_keys_is_bounded() -> None:
     assert len(limiter) == 3
     assert limiter.retry_after("k9", 10) > 0
     assert limiter.retry_after("k0", 10) == 0
-
-
-def test_forget_clears_a_key() -> None:
-    limiter = FailureLimiter(max_failures=1, window_seconds=100)
-    limiter.record_failure("k", 0)
-    limiter.forget("k")
-    assert limiter.retry_after("k", 1) == 0

@@ -19,7 +19,6 @@ from twin.reconciliation import (
     PropertyAck,
     SyncState,
     SyncStatus,
-    coalesced_delta,
     next_push_due,
     next_sync_status,
     record_push,
@@ -597,7 +596,9 @@ def test_push_schedule() -> None:
 # --- coalesced delta -------------------------------------------------------------------------
 
 
-def test_coalesced_delta_holds_only_final_values() -> None:
+def test_a_waking_device_gets_only_final_values() -> None:
+    """The delta is computed from the current documents (twin_store), never replayed from the
+    history of desired updates: a device back after hours gets one coalesced delta."""
     reported: Document = {"power": True, "brightness": 20, "mode": "auto"}
     desired: Document = {}
     # What an operator did while the lamp slept for hours.
@@ -614,23 +615,10 @@ def test_coalesced_delta_holds_only_final_values() -> None:
         {"night": None},
     ]:
         desired = apply_merge_patch(desired, patch)  # type: ignore[arg-type]
-    assert coalesced_delta(desired, reported) == {
+    assert compute_delta(desired, reported) == {
         "brightness": 80,
         "schedule": [{"at": "23:00", "level": 30}],
     }
-
-
-@pytest.mark.parametrize(
-    ("desired", "reported"),
-    [
-        ({}, {}),
-        ({"a": 1}, {"a": 1}),
-        ({"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}),
-        ({"a": [1, 2]}, {"a": [1]}),
-    ],
-)
-def test_coalesced_delta_is_the_current_delta(desired: Document, reported: Document) -> None:
-    assert coalesced_delta(desired, reported) == compute_delta(desired, reported)
 
 
 # --- storage ---------------------------------------------------------------------------------
