@@ -15,9 +15,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf import json_format
+from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
+from citytwin.v1 import twins_pb2 as t
 from tests.conftest import Api, Database, Server, run_cli, unique
 from twin.coap_tls import client_ssl_context, device_client_context
 from twin.simulator.devices import key_pem, make_csr
@@ -219,3 +222,22 @@ async def enrolled_device(
         response = await post_csr(tls, site.coaps + "/est/sen", make_csr(key, serial, code))
     assert response.code == Code.CHANGED
     return device_id, certificate(response), key
+
+
+def twin_of(site: Site, device_id: str) -> t.Twin:
+    """The device's twin, read through gRPC."""
+    twin: t.Twin = site.api.call(
+        site.api.twins.GetTwin, t.GetTwinRequest(name=f"devices/{device_id}/twin")
+    )
+    return twin
+
+
+def set_desired(api: Api, device_id: str, patch: dict[str, object]) -> t.Twin:
+    """Apply a desired-state merge patch through gRPC."""
+    twin: t.Twin = api.call(
+        api.twins.UpdateDesired,
+        t.UpdateDesiredRequest(
+            name=f"devices/{device_id}/twin", patch=json_format.ParseDict(patch, Struct())
+        ),
+    )
+    return twin

@@ -17,29 +17,23 @@ from aiocoap.numbers.codes import Code
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import json_format
-from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import profiles_pb2 as pr
 from citytwin.v1 import provisioning_pb2 as p
 from citytwin.v1 import twins_pb2 as t
-from tests.coap_devices import Site, coap_client, enrolled_device, fleet_trust, request
+from tests.coap_devices import (
+    Site,
+    coap_client,
+    enrolled_device,
+    fleet_trust,
+    request,
+    set_desired,
+    twin_of,
+)
 from tests.conftest import PG_DSN, Api, Server, new_database, run_cli
 
 JSON, CBOR = 50, 60
-
-
-def twin_of(site: Site, device_id: str) -> t.Twin:
-    return site.api.call(site.api.twins.GetTwin, t.GetTwinRequest(name=f"devices/{device_id}/twin"))
-
-
-def set_desired(api: Api, device_id: str, patch: dict[str, object]) -> t.Twin:
-    return api.call(
-        api.twins.UpdateDesired,
-        t.UpdateDesiredRequest(
-            name=f"devices/{device_id}/twin", patch=json_format.ParseDict(patch, Struct())
-        ),
-    )
 
 
 async def report(

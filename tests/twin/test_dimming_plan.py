@@ -13,8 +13,7 @@ from aiocoap.numbers.codes import Code
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from citytwin.v1 import devices_pb2 as d
-from tests.coap_devices import Site, coap_client, enrolled_device, request
-from tests.twin.test_sync_status import set_desired
+from tests.coap_devices import Site, coap_client, enrolled_device, request, set_desired
 from twin.dimming_schedule import parse_schedule, resolve_schedule
 
 SCHEDULE = [

@@ -11,25 +11,11 @@ import grpc
 from aiocoap.numbers.codes import Code
 from google.protobuf import json_format
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.protobuf.struct_pb2 import Struct
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import twins_pb2 as t
-from tests.coap_devices import Site, coap_client, enrolled_device, request
+from tests.coap_devices import Site, coap_client, enrolled_device, request, set_desired, twin_of
 from tests.conftest import Api, unique
-
-
-def twin_of(site: Site, device_id: str) -> t.Twin:
-    return site.api.call(site.api.twins.GetTwin, t.GetTwinRequest(name=f"devices/{device_id}"))
-
-
-def set_desired(api: Api, device_id: str, patch: dict[str, object]) -> t.Twin:
-    return api.call(
-        api.twins.UpdateDesired,
-        t.UpdateDesiredRequest(
-            name=f"devices/{device_id}", patch=json_format.ParseDict(patch, Struct())
-        ),
-    )
 
 
 def query(site: Site, selector: str) -> list[str]:
