@@ -44,6 +44,11 @@ class NotAcceptable(InvalidArgument):
     """The caller asks for a representation (CoAP Accept) the resource does not offer."""
 
 
+class ArtifactRejected(InvalidArgument):
+    """A firmware artifact, its signature or its manifest is malformed, tampered with, or not
+    signed by a trusted release key; the message says which."""
+
+
 class NotFound(CitytwinError):
     """The named resource does not exist (or the caller may not know it does)."""
 
