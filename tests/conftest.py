@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from citytwin.v1 import (
     alarms_pb2_grpc,
+    firmware_pb2_grpc,
     devices_pb2_grpc,
     profiles_pb2_grpc,
     provisioning_pb2_grpc,
@@ -186,6 +187,8 @@ class Api:
         self.profiles = profiles_pb2_grpc.ProfileServiceStub(channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(channel)
         self.alarms = alarms_pb2_grpc.AlarmServiceStub(channel)
+        self.firmware = firmware_pb2_grpc.FirmwareServiceStub(channel)
+        self.campaigns = firmware_pb2_grpc.CampaignServiceStub(channel)
         self.metadata: list[tuple[str, str]] = (
             [("authorization", f"Bearer {token}")] if token else []
         )

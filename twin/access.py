@@ -50,6 +50,11 @@ class Permission(StrEnum):
     AUDIT_READ = "audit.read"
     ALARMS_READ = "alarms.read"
     ALARMS_ACKNOWLEDGE = "alarms.acknowledge"
+    FIRMWARE_READ = "firmware.read"
+    FIRMWARE_WRITE = "firmware.write"
+    RELEASE_KEYS_WRITE = "release-keys.write"
+    CAMPAIGNS_READ = "campaigns.read"
+    CAMPAIGNS_WRITE = "campaigns.write"
 
 
 _READ = frozenset(
@@ -64,6 +69,8 @@ _READ = frozenset(
         Permission.POLICY_READ,
         Permission.AUDIT_READ,
         Permission.ALARMS_READ,
+        Permission.FIRMWARE_READ,
+        Permission.CAMPAIGNS_READ,
     }
 )
 
@@ -82,8 +89,9 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
         Permission.ENROLLMENTS_CANCEL,
         Permission.ALARMS_ACKNOWLEDGE,
     },
-    # Firmware rollouts read the fleet; campaign permissions arrive with firmware_ota.
-    Role.RELEASE_ENGINEER: _READ,
+    # Upload signed firmware and roll it out; which keys are trusted stays with admins, so a
+    # release engineer cannot sign and trust their own images.
+    Role.RELEASE_ENGINEER: _READ | {Permission.FIRMWARE_WRITE, Permission.CAMPAIGNS_WRITE},
     Role.VIEWER: _READ,
     Role.DEVICE: frozenset({Permission.TWINS_READ, Permission.REPORTED_WRITE}),
 }

@@ -1,7 +1,8 @@
 """The device profiles that ship with citytwin, one per supported device model.
 
-Every built-in declares a read-only `firmware` object with `firmware.version`, which firmware
-rollouts select on.
+Every built-in declares the `firmware` object of firmware_ota's device protocol: the job a
+campaign writes into desired state and the progress the device reports; `firmware.version` is
+what rollouts select on.
 """
 
 from __future__ import annotations
@@ -15,9 +16,76 @@ _S = PropertyType.STRING
 _O = PropertyType.OBJECT
 _A = PropertyType.ARRAY
 
+# The firmware object is where campaigns meet devices (firmware_ota's device protocol): the job
+# members are desired (written by campaigns only, see twin_store), the progress members are
+# reported. `version` is both: the target in desired, what runs in reported.
 _FIRMWARE = (
-    PropertySpec("firmware", _O, description="Installed firmware"),
-    PropertySpec("firmware.version", _S, max_length=64, description="Installed firmware version"),
+    PropertySpec("firmware", _O, writable=True, description="Firmware job and installed firmware"),
+    PropertySpec(
+        "firmware.version", _S, writable=True, max_length=64, description="Firmware version"
+    ),
+    PropertySpec("firmware.sha256", _S, writable=True, max_length=64, description="Job: digest"),
+    PropertySpec(
+        "firmware.size", _I, writable=True, minimum=0, unit="B", description="Job: image size"
+    ),
+    PropertySpec("firmware.uri", _S, writable=True, max_length=256, description="Job: CoAP path"),
+    PropertySpec(
+        "firmware.signature",
+        _S,
+        writable=True,
+        max_length=512,
+        description="Job: detached signature, base64 (empty for MCUboot images)",
+    ),
+    PropertySpec(
+        "firmware.manifest",
+        _S,
+        writable=True,
+        max_length=8192,
+        description="Job: signed SUIT envelope, base64",
+    ),
+    PropertySpec(
+        "firmware.action",
+        _S,
+        writable=True,
+        allowed_values=("download", "install"),
+        description="Job: download only, or download and install",
+    ),
+    PropertySpec(
+        "firmware.attempt", _I, writable=True, minimum=1, description="Job: attempt number"
+    ),
+    PropertySpec(
+        "firmware.security_counter", _I, minimum=0, description="MCUboot security counter"
+    ),
+    PropertySpec("firmware.job", _S, max_length=64, description="Digest of the job reported on"),
+    PropertySpec(
+        "firmware.state",
+        _S,
+        allowed_values=("idle", "downloading", "downloaded", "updating"),
+        description="Update state (LwM2M 5/3)",
+    ),
+    PropertySpec(
+        "firmware.progress", _I, minimum=0, maximum=100, unit="%", description="Downloaded"
+    ),
+    PropertySpec(
+        "firmware.result",
+        _S,
+        allowed_values=("none", "success", "failed"),
+        description="Result of the last update (LwM2M 5/5)",
+    ),
+    PropertySpec(
+        "firmware.reason",
+        _S,
+        allowed_values=(
+            "integrity",
+            "out_of_storage",
+            "unsupported",
+            "connection_lost",
+            "install_error",
+            "rejected",
+        ),
+        description="Why the last update failed",
+    ),
+    PropertySpec("firmware.detail", _S, max_length=256, description="Failure detail"),
 )
 
 # After IPSO 3311 (light control) and uCIFI 3416 (outdoor lamp controller).

@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 APPS: dict[str, dict[str, Any]] = {
     "twin": {"models": ["twin.models"], "migrations": "twin.migrations"},
     "provisioning": {"models": ["provisioning.models"], "migrations": "provisioning.migrations"},
+    "firmware_ota": {"models": ["firmware_ota.models"], "migrations": "firmware_ota.migrations"},
 }
 
 # Held (per session) while migrating, so that replicas starting together migrate once.

@@ -23,6 +23,8 @@ from citytwin.v1 import (
     alarms_pb2_grpc,
     devices_pb2,
     devices_pb2_grpc,
+    firmware_pb2,
+    firmware_pb2_grpc,
     profiles_pb2,
     profiles_pb2_grpc,
     provisioning_pb2,
@@ -30,6 +32,11 @@ from citytwin.v1 import (
     twins_pb2,
     twins_pb2_grpc,
 )
+from firmware_ota.campaign_driver import CampaignDriver
+from firmware_ota.download_resources import add_firmware_resources
+from firmware_ota.grpc_campaigns import CampaignServicer
+from firmware_ota.grpc_firmware import FirmwareServicer
+from firmware_ota.manifest_signing import ManifestSigner, ensure_manifest_key, public_key_pem
 from provisioning.ca_store import ca_passphrase, ensure_ca
 from provisioning.certificate_authority import CertificateAuthority
 from provisioning.enrollment_groups import all_group_ca_pems
@@ -64,6 +71,8 @@ _SERVICES = (
     profiles_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name,
     provisioning_pb2.DESCRIPTOR.services_by_name["ProvisioningService"].full_name,
     alarms_pb2.DESCRIPTOR.services_by_name["AlarmService"].full_name,
+    firmware_pb2.DESCRIPTOR.services_by_name["FirmwareService"].full_name,
+    firmware_pb2.DESCRIPTOR.services_by_name["CampaignService"].full_name,
 )
 _TRUST_REFRESH_SECONDS = 10.0
 _RENOTIFY_SECONDS = 1.0
@@ -89,6 +98,10 @@ def build_grpc_server(
     provisioning_pb2_grpc.add_ProvisioningServiceServicer_to_server(
         ProvisioningServicer(notifier, trust_client_ca), server
     )
+    firmware_pb2_grpc.add_FirmwareServiceServicer_to_server(
+        FirmwareServicer(settings.max_artifact_bytes), server
+    )
+    firmware_pb2_grpc.add_CampaignServiceServicer_to_server(CampaignServicer(notifier), server)
     # health.aio is the public async servicer; the package re-exports it without typing it.
     health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -108,9 +121,10 @@ def build_grpc_server(
 
 
 def build_coap_site(
-    enroller: Enroller, settings: Settings, side: DeviceSide
+    enroller: Enroller, settings: Settings, side: DeviceSide, manifest_key_pem: bytes
 ) -> aiocoap.resource.Site:
-    """The device-facing CoAP site: discovery, EST-coaps provisioning, device twins."""
+    """The device-facing CoAP site: discovery, EST-coaps provisioning, device twins,
+    firmware downloads."""
     site = aiocoap.resource.Site()
     site.add_resource(
         [".well-known", "core"],
@@ -118,6 +132,7 @@ def build_coap_site(
     )
     add_est_resources(site, enroller, allow_insecure_enrollment=settings.allow_coap_enrollment)
     add_device_resources(site, side, settings.time_zone)
+    add_firmware_resources(site, side, manifest_key_pem)
     return site
 
 
@@ -192,7 +207,9 @@ async def serve(settings: Settings) -> None:
     async with contextlib.AsyncExitStack() as running:
         await open_database(settings.db_url)
         running.push_async_callback(close_database)
-        ca = await ensure_ca(ca_passphrase(settings.home, settings.ca_passphrase))
+        passphrase = ca_passphrase(settings.home, settings.ca_passphrase)
+        ca = await ensure_ca(passphrase)
+        manifest_key = await ensure_manifest_key(passphrase)
         log.info("fleet CA ready", extra={"issuing_ca": ca.issuing_cert.subject.rfc4514_string()})
         retention = timedelta(seconds=settings.feed_retention_seconds)
         await change_feed.trim(retention)
@@ -207,13 +224,16 @@ async def serve(settings: Settings) -> None:
         )
         observers = DeviceObservers()
         liveness = Liveness(notifier, settings.offline_tolerance)
-        site = build_coap_site(enroller, settings, DeviceSide(notifier, observers, liveness))
+        side = DeviceSide(notifier, observers, liveness)
+        site = build_coap_site(enroller, settings, side, public_key_pem(manifest_key))
         coap, tls = await start_coap(settings, site, ca)
         running.push_async_callback(coap.shutdown)
         grpc_server = build_grpc_server(settings, notifier, lambda pem: add_client_ca(tls, pem))
         await grpc_server.start()
         running.push_async_callback(grpc_server.stop, 2.0)
         telemetry_retention = timedelta(seconds=settings.telemetry_retention_seconds)
+        driver = CampaignDriver(notifier, ManifestSigner(manifest_key), settings.time_zone)
+        running.push_async_callback(driver.release_all)
         for loop_forever in (
             _every(_TRIM_INTERVAL_SECONDS, lambda: change_feed.trim(retention), "feed trimmed"),
             _every(
@@ -225,6 +245,7 @@ async def serve(settings: Settings) -> None:
             _every(_RENOTIFY_SECONDS, lambda: renotify_due(observers), "devices re-notified"),
             _trust_new_groups_forever(tls),
             push_changes_forever(notifier, observers),
+            driver.run_forever(settings.campaign_pass_seconds),
         ):
             task = asyncio.create_task(loop_forever)
             running.callback(task.cancel)

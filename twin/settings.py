@@ -49,6 +49,9 @@ class Settings:
     telemetry_retention_seconds: int = 30 * 24 * 3600
     # The city's time zone: local days for dimming plans.
     time_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
+    # Firmware: the largest image accepted, and how often campaigns are driven.
+    max_artifact_bytes: int = 16 * 1024 * 1024
+    campaign_pass_seconds: float = 1.0
 
     @property
     def is_postgres(self) -> bool:
@@ -121,4 +124,6 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         telemetry_retention_seconds=int(
             _number(env, "CITYTWIN_TELEMETRY_RETENTION", 30 * 24 * 3600)
         ),
+        max_artifact_bytes=int(_number(env, "CITYTWIN_MAX_ARTIFACT_BYTES", 16 * 1024 * 1024)),
+        campaign_pass_seconds=max(0.05, _number(env, "CITYTWIN_CAMPAIGN_PASS", 1.0)),
     )

@@ -119,10 +119,20 @@ def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Do
     return applied
 
 
+# The desired member that carries firmware jobs; only campaigns write it (firmware_ota).
+FIRMWARE_JOB = "firmware"
+
+
 def check_desired_semantics(patch: Document) -> None:
     """Rules beyond a profile's types and ranges: a dimming schedule must be one a lamp can
-    run (times, sun events, offsets). Arrays replace whole in a merge patch, so checking the
-    patch's schedule checks the resulting one."""
+    run (times, sun events, offsets); the firmware job is left to campaigns, which track
+    what they asked for (a job written past them would never be judged or withdrawn). Arrays
+    replace whole in a merge patch, so checking the patch's schedule checks the resulting
+    one."""
+    if FIRMWARE_JOB in patch:
+        raise FailedPrecondition(
+            "desired.firmware is written by firmware campaigns only (CampaignService)"
+        )
     schedule = patch.get("dimming_schedule")
     # Not a list (or null, deleting it) is the profile's to refuse, already done.
     if isinstance(schedule, list):
@@ -145,9 +155,11 @@ async def update_document(
     principal: Principal,
     notifier: FeedNotifier,
     also: Callable[[BaseDBAsyncClient], Awaitable[None]] | None = None,
+    firmware_job: bool = False,
 ) -> TwinView:
     """Apply a merge patch to one device's desired or reported document; `also` writes more
-    rows in the same transaction (such as the telemetry samples a report came with)."""
+    rows in the same transaction (such as the telemetry samples a report came with, or a
+    campaign's execution row). `firmware_job` marks a campaign writing desired.firmware."""
     device = await get_device(device_id, principal)
     if device.state == LifecycleState.DECOMMISSIONED:
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
@@ -156,7 +168,9 @@ async def update_document(
     profile = await get_profile(device.model)
     validate_patch(profile, patch, document=which)
     if which == "desired":
-        check_desired_semantics(patch)
+        check_desired_semantics(
+            {k: v for k, v in patch.items() if k != FIRMWARE_JOB} if firmware_job else patch
+        )
     async with in_transaction() as conn:
         row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
         if expected_version and row.version != expected_version:

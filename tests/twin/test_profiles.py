@@ -251,7 +251,8 @@ def test_lamp_patches_accepted(patch: Document, document: Doc) -> None:
             "unknown property for model lamp-led-dimmable",
         ),
         ({"colour": None}, "desired", "desired.colour", "unknown property"),
-        ({"firmware": {"version": "3.0"}}, "desired", "desired.firmware.version", "is read-only"),
+        ({"firmware": {"state": "idle"}}, "desired", "desired.firmware.state", "is read-only"),
+        ({"firmware": {"action": "flash"}}, "desired", "desired.firmware.action", "not one of"),
         ({"fault_codes": ["E1"]}, "desired", "desired.fault_codes", "is read-only"),
         ({"faults": {"lamp_failure": None}}, "desired", "desired.faults.lamp_failure", "read-only"),
         (

@@ -3,7 +3,8 @@
 Each simulated device is a real aiocoap client (see twin/simulator/): the command registers it
 through gRPC as an installer would (so the token must be an installer's or an admin's), the
 device enrolls over `coaps+tcp` with its one-time code, then reports, follows its desired
-state, raises faults and goes offline as told. A progress bar follows the enrollments, then a
+state (firmware jobs included: downloads, installs and reboots, failing at the `--fw-*` rates),
+raises faults and goes offline as told. A progress bar follows the enrollments, then a
 table of counters refreshed every second; without a terminal a summary line is printed every
 few seconds instead. Ctrl-C or `--duration` stops the devices, and the final counters are
 printed.
@@ -47,6 +48,7 @@ from twin.errors import InvalidArgument, Unauthenticated
 from twin.simulator.devices import (
     COAP_PORT,
     COAPS_PORT,
+    DEFAULT_REBOOT_SECONDS,
     Behaviour,
     Endpoint,
     FleetCounters,
@@ -89,6 +91,10 @@ SUMMARY_ROWS: Final = (
     ("offline periods", "offline_periods"),
     ("connections lost", "disconnects"),
     ("refused by the service", "refused"),
+    ("firmware downloads", "firmware_downloads"),
+    ("firmware bytes downloaded", "firmware_bytes"),
+    ("firmware updates succeeded", "updates_succeeded"),
+    ("firmware updates failed", "updates_failed"),
 )
 
 
@@ -101,7 +107,9 @@ def summary_line(counters: FleetCounters, elapsed: float) -> str:
         f"connected {c.connected}, offline {c.offline}, "
         f"reports {c.reports_ok} ok {c.reports_failed} failed, telemetry {c.telemetry}, "
         f"heartbeats {c.heartbeats}, desired applied {c.desired_applied}, "
-        f"faults {c.faults_raised} raised {c.faults_cleared} cleared"
+        f"faults {c.faults_raised} raised {c.faults_cleared} cleared, "
+        f"firmware {c.firmware_downloads} downloads ({c.firmware_bytes} bytes), "
+        f"updates {c.updates_succeeded} ok {c.updates_failed} failed"
     )
 
 
@@ -311,6 +319,11 @@ def _simulate(args: argparse.Namespace) -> int:
         fault_rate=args.fault_rate,
         offline_rate=args.offline_rate,
         offline_seconds=args.offline_seconds or 0.0,
+        fw_integrity_failure_rate=args.fw_integrity_failure_rate,
+        fw_connection_loss_rate=args.fw_connection_loss_rate,
+        fw_install_failure_rate=args.fw_install_failure_rate,
+        fw_revert_rate=args.fw_revert_rate,
+        reboot_seconds=args.reboot_seconds,
     )
     # aiocoap warns about every connection that ends after its client context was shut down,
     # which happens all the time here (devices going offline); the counters tell the story.
@@ -381,6 +394,27 @@ def register(commands: Any) -> None:
         type=positive_seconds,
         metavar="S",
         help="stop after S seconds (default: Ctrl-C)",
+    )
+    firmware = simulate.add_argument_group("firmware updates (jobs come from campaigns)")
+    for option, what in (
+        ("--fw-integrity-failure-rate", "a download arrives corrupted (its digest will not match)"),
+        ("--fw-connection-loss-rate", "the connection drops part way through a download"),
+        ("--fw-install-failure-rate", "an installation fails before the reboot"),
+        ("--fw-revert-rate", "the bootloader falls back to the old image after the reboot"),
+    ):
+        firmware.add_argument(
+            option,
+            type=probability,
+            default=0.0,
+            metavar="P",
+            help=f"probability that {what} (%(default)g)",
+        )
+    firmware.add_argument(
+        "--reboot-seconds",
+        type=positive_seconds,
+        default=DEFAULT_REBOOT_SECONDS,
+        metavar="S",
+        help="how long a device is away rebooting into new firmware (%(default)g)",
     )
     coap = simulate.add_argument_group("devices' connection")
     coap.add_argument(

@@ -63,6 +63,24 @@ METHOD_PERMISSIONS: dict[str, Permission] = {
     "/citytwin.v1.ProvisioningService/GetProvisioningPolicy": Permission.POLICY_READ,
     "/citytwin.v1.ProvisioningService/UpdateProvisioningPolicy": Permission.POLICY_WRITE,
     "/citytwin.v1.ProvisioningService/ListAuditEvents": Permission.AUDIT_READ,
+    "/citytwin.v1.FirmwareService/CreateReleaseKey": Permission.RELEASE_KEYS_WRITE,
+    "/citytwin.v1.FirmwareService/ListReleaseKeys": Permission.FIRMWARE_READ,
+    "/citytwin.v1.FirmwareService/DeleteReleaseKey": Permission.RELEASE_KEYS_WRITE,
+    "/citytwin.v1.FirmwareService/UploadArtifact": Permission.FIRMWARE_WRITE,
+    "/citytwin.v1.FirmwareService/GetArtifact": Permission.FIRMWARE_READ,
+    "/citytwin.v1.FirmwareService/ListArtifacts": Permission.FIRMWARE_READ,
+    "/citytwin.v1.FirmwareService/DeleteArtifact": Permission.FIRMWARE_WRITE,
+    "/citytwin.v1.CampaignService/CreateCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/GetCampaign": Permission.CAMPAIGNS_READ,
+    "/citytwin.v1.CampaignService/ListCampaigns": Permission.CAMPAIGNS_READ,
+    "/citytwin.v1.CampaignService/StartCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/PauseCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/ResumeCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/AbortCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/RollbackCampaign": Permission.CAMPAIGNS_WRITE,
+    "/citytwin.v1.CampaignService/ListExecutions": Permission.CAMPAIGNS_READ,
+    "/citytwin.v1.CampaignService/ListCampaignEvents": Permission.CAMPAIGNS_READ,
+    "/citytwin.v1.CampaignService/WatchCampaign": Permission.CAMPAIGNS_READ,
 }
 
 _principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
@@ -118,13 +136,20 @@ class ApiInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_unary:
+            # A client stream: the wrapped handler receives the request iterator.
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(method, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        raise TypeError(f"{method}: only unary and server-streaming methods are wrapped")
+        raise TypeError(f"{method}: bidirectional streams are not wrapped")
 
     @staticmethod
     def _unary(method: str, behavior: Any) -> Any:

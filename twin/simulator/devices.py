@@ -13,7 +13,11 @@ code, enroll over `coaps+tcp` (EST-coaps `sen`), then connect with its new certi
   heartbeat instead, so it stays online;
 * with probability `offline_rate` per interval, drop its connection and stay silent for a while,
   then reconnect and catch up (the first answer of the new observation is the current desired
-  state, so nothing set meanwhile is missed).
+  state, so nothing set meanwhile is missed);
+* follow the firmware job in its desired state (firmware_ota's device protocol): download the
+  image block by block, resuming after a lost connection, check it (digest, manifest), install
+  it and reboot, reporting each step; failures are injected at the behaviour's rates (see
+  firmware_updates.py, where those decisions are made).
 
 What the device does is decided by the pure functions in the first half of this module (state
 in, new state out, randomness from the `random.Random` passed in), so a seed makes a device's
@@ -28,25 +32,69 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final, Protocol
+from urllib.parse import urlsplit
 
 import aiocoap
 import aiocoap.error
 import aiocoap.util
 import cbor2
 from aiocoap.numbers.codes import Code
+from aiocoap.optiontypes import BlockOption
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, NameOID
 
+from firmware_ota.suit_manifests import (
+    ManifestContent,
+    VerifyingKey,
+    class_id,
+    read_envelope,
+    vendor_id,
+)
 from twin.coap_tls import client_ssl_context, device_client_context
 from twin.delta import compute_delta
+from twin.errors import ArtifactRejected
 from twin.merge_patch import JSON, Document, apply_merge_patch, clone, json_equal
+from twin.simulator.firmware_updates import (
+    FIRMWARE_MEMBER,
+    Action,
+    AlreadyRunning,
+    Download,
+    Firmware,
+    ImageIdentity,
+    InstallOutcome,
+    Job,
+    Keep,
+    Reason,
+    Refusal,
+    Refuse,
+    Update,
+    Withdrawn,
+    already_running,
+    booted,
+    check_image,
+    decide,
+    device_settings,
+    downloaded,
+    downloading,
+    failed,
+    forget_settled,
+    image_identity,
+    manifest_problem,
+    plan_download,
+    plan_install,
+    progress,
+    progress_due,
+    resume_block,
+    updating,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +107,11 @@ PKIX_CERT: Final = 287
 
 EST_CRTS: Final = "/.well-known/est/crts"
 EST_SEN: Final = "/.well-known/est/sen"
+# The service's key for SUIT manifests (PEM SubjectPublicKeyInfo).
+MANIFEST_KEY_PATH: Final = "/fw/manifest-key"
+# The maker the simulated devices are, in SUIT's terms a UUIDv5 of its domain: the one the
+# service's manifests are made out to (firmware_ota.manifest_signing).
+VENDOR_DOMAIN: Final = "citytwin.example"
 COAP_PORT: Final = 5683
 COAPS_PORT: Final = 5684
 
@@ -73,6 +126,15 @@ ENROLL_ATTEMPTS: Final = 3
 FAULT_CLEAR_PROBABILITY: Final = 0.25
 # The length of an offline period, in intervals, when none is given.
 DEFAULT_OFFLINE_INTERVALS: Final = 5.0
+# How long a device is away while it reboots into new firmware, when not told otherwise.
+DEFAULT_REBOOT_SECONDS: Final = 2.0
+# Firmware is fetched in blocks of 2**(6 + 4) = 1024 bytes, the largest non-BERT Block2 size
+# (RFC 7959 section 2.2), which every CoAP server takes.
+BLOCK_SIZE_EXPONENT: Final = 6
+# A corrupted download has one bit flipped, which its digest is sure to catch.
+_CORRUPTION_MASK: Final = 0x01
+# CoAP answers that say "come back later" (server errors, 4.29) rather than "never".
+_SERVER_ERROR_CLASS: Final = 5
 # Reports are spread over +-10% of the interval, so that devices started together do not stay
 # synchronised.
 _JITTER: Final = 0.1
@@ -95,6 +157,12 @@ FIRMWARE: Final[Mapping[Kind, str]] = {
     Kind.LAMP: "2.0.3",
     Kind.SENSOR: "1.8.0",
     Kind.CAMERA: "4.2.1",
+}
+# Room for a firmware image in each kind's flash: a job for a larger image is refused.
+STORAGE_BYTES: Final[Mapping[Kind, int]] = {
+    Kind.LAMP: 1024 * 1024,
+    Kind.SENSOR: 512 * 1024,
+    Kind.CAMERA: 64 * 1024 * 1024,
 }
 # The fault flags (under `faults.`) each kind's profile declares.
 FAULTS: Final[Mapping[Kind, tuple[str, ...]]] = {
@@ -142,22 +210,41 @@ _SENML_CBOR_LABELS: Final[Mapping[str, int]] = {"bt": -3, "n": 0, "u": 1, "v": 2
 class Behaviour:
     """How every device of a run behaves: its report interval (seconds), the probability of
     raising a fault and of going offline at each report, and the mean length of an offline
-    period (seconds; 0 means five intervals)."""
+    period (seconds; 0 means five intervals). Firmware updates fail at their rates: a
+    download arrives corrupted (`fw_integrity_failure_rate`) or loses its connection part way
+    (`fw_connection_loss_rate`); an installation fails (`fw_install_failure_rate`) or, after
+    the reboot, the bootloader falls back to the old image (`fw_revert_rate`). A reboot keeps
+    the device away for `reboot_seconds`."""
 
     interval: float = 10.0
     fault_rate: float = 0.0
     offline_rate: float = 0.0
     offline_seconds: float = 0.0
+    fw_integrity_failure_rate: float = 0.0
+    fw_connection_loss_rate: float = 0.0
+    fw_install_failure_rate: float = 0.0
+    fw_revert_rate: float = 0.0
+    reboot_seconds: float = DEFAULT_REBOOT_SECONDS
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
             raise ValueError(f"the interval must be positive, not {self.interval}")
-        for name in ("fault_rate", "offline_rate"):
+        rates = (
+            "fault_rate",
+            "offline_rate",
+            "fw_integrity_failure_rate",
+            "fw_connection_loss_rate",
+            "fw_install_failure_rate",
+            "fw_revert_rate",
+        )
+        for name in rates:
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} is a probability between 0 and 1, not {rate}")
-        if self.offline_seconds < 0:
-            raise ValueError(f"offline_seconds must not be negative, not {self.offline_seconds}")
+        for name in ("offline_seconds", "reboot_seconds"):
+            seconds = getattr(self, name)
+            if seconds < 0:
+                raise ValueError(f"{name} must not be negative, not {seconds}")
 
     @property
     def mean_offline_seconds(self) -> float:
@@ -236,13 +323,21 @@ def advance(state: DeviceState, now: float) -> DeviceState:
 def follow_desired(state: DeviceState, desired: Document, now: float) -> DeviceState:
     """The state after applying `desired`: every desired value the device does not have yet
     is taken over (the service has already checked it against the profile), and what depends
-    on it follows (a lamp's draw). Unchanged if the device already is as desired."""
+    on it follows (a lamp's draw). Unchanged if the device already is as desired. The firmware
+    job is not a value to take over: the device follows it and reports on it on its own
+    (`with_firmware`)."""
     current = advance(state, now)
-    change = compute_delta(desired, current.actual)
+    change = compute_delta(device_settings(desired), current.actual)
     if not change:
         return current
     changed = replace(current, actual=apply_merge_patch(current.actual, change))
     return replace(changed, actual=_derived(changed))
+
+
+def with_firmware(state: DeviceState, report: Document) -> DeviceState:
+    """The state reporting `report` as its whole `firmware` object (members it no longer has,
+    such as a past failure's reason, are gone)."""
+    return replace(state, actual={**state.actual, FIRMWARE_MEMBER: clone(report)})
 
 
 def next_reported(state: DeviceState, now: float, rng: random.Random, fault_rate: float) -> Tick:
@@ -445,8 +540,17 @@ class DeviceRefused(SimulatorError):
     reconnecting will not help."""
 
 
-class _ConnectionLost(Exception):
+class ConnectionLost(Exception):
     """The connection failed or a request went unanswered; reconnect and carry on."""
+
+
+class FetchRefused(SimulatorError):
+    """The service refused a firmware fetch (an image block, the manifest key) for good, or
+    broke the block-wise protocol: the job fails for `refusal`."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.detail)
+        self.refusal = refusal
 
 
 async def fetch_ca_over_udp(host: str, port: int = COAP_PORT) -> bytes:
@@ -476,6 +580,87 @@ async def fetch_ca_over_udp(host: str, port: int = COAP_PORT) -> bytes:
     return certificates_pem(certs)
 
 
+async def download_image(
+    context: aiocoap.Context,
+    uri: str,
+    image: bytearray,
+    *,
+    limit: int,
+    after_block: Callable[[int], Awaitable[None]] | None = None,
+    block_seconds: float = REQUEST_TIMEOUT_SECONDS,
+) -> None:
+    """Append the rest of the representation at `uri` to `image`, which holds its first bytes
+    already, one Block2 request (RFC 7959) at a time from byte len(image) on: a download cut
+    off by a lost connection resumes where it stopped. `after_block(length)` runs after each
+    block is appended.
+
+    ConnectionLost if a block goes unanswered within `block_seconds` or the service asks to come
+    back later; FetchRefused if it refuses the request, answers with another block than the
+    one asked for, or sends more than `limit` bytes in all.
+    """
+    while True:
+        number, exponent = resume_block(len(image), BLOCK_SIZE_EXPONENT)
+        message = aiocoap.Message(code=aiocoap.GET, uri=uri)
+        message.opt.block2 = BlockOption.BlockwiseTuple(number, False, exponent)
+        # aiocoap would assemble the blocks itself, always from the first one.
+        response = await _fetched(
+            context.request(message, handle_blockwise=False), block_seconds, urlsplit(uri).path
+        )
+        block = response.opt.block2
+        more = block is not None and bool(block.more)
+        start = 0 if block is None else block.start
+        if start != len(image):
+            raise FetchRefused(
+                Refusal(Reason.INTEGRITY, f"asked for byte {len(image)}, got a block at {start}")
+            )
+        if more and not response.payload:
+            raise FetchRefused(Refusal(Reason.INTEGRITY, f"an empty block at byte {start}"))
+        if len(image) + len(response.payload) > limit:
+            raise FetchRefused(Refusal(Reason.INTEGRITY, f"the image is over {limit} bytes"))
+        image += response.payload
+        if after_block is not None:
+            await after_block(len(response.payload))
+        if not more:
+            return
+
+
+async def fetch_manifest_key(context: aiocoap.Context, uri: str) -> VerifyingKey:
+    """The public key SUIT manifests are signed with, from `uri` (MANIFEST_KEY_PATH).
+    ConnectionLost or FetchRefused as for `download_image` (reason "rejected": without the
+    key no manifest can be trusted)."""
+    message = aiocoap.Message(code=aiocoap.GET, uri=uri)
+    try:
+        response = await _fetched(
+            context.request(message), REQUEST_TIMEOUT_SECONDS, urlsplit(uri).path
+        )
+        key = serialization.load_pem_public_key(response.payload)
+    except FetchRefused as refused:
+        raise FetchRefused(
+            Refusal(Reason.REJECTED, f"no manifest key: {refused.refusal.detail}")
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise FetchRefused(
+            Refusal(Reason.REJECTED, "the manifest key is not a PEM public key")
+        ) from None
+    if not isinstance(key, VerifyingKey):
+        raise FetchRefused(Refusal(Reason.REJECTED, "the manifest key is of an unknown kind"))
+    return key
+
+
+async def _fetched(request: Any, seconds: float, path: str) -> Any:
+    """The successful response to a firmware fetch (see `download_image` for the errors)."""
+    try:
+        response = await asyncio.wait_for(request.response, seconds)
+    except (aiocoap.error.Error, OSError, TimeoutError) as error:
+        raise ConnectionLost(str(error) or type(error).__name__) from None
+    if response.code.is_successful():
+        return response
+    detail = f"GET {path}: {response.code}"
+    if response.code.class_ == _SERVER_ERROR_CLASS or response.code == Code.TOO_MANY_REQUESTS:
+        raise ConnectionLost(detail)
+    raise FetchRefused(Refusal(Reason.UNSUPPORTED, detail))
+
+
 # --- the device on the wire -----------------------------------------------------------------
 
 
@@ -485,7 +670,10 @@ class FleetCounters:
     locks). `connected` and `offline` are the devices in that condition now. `reports_ok` and
     `reports_failed` count reported-state and telemetry POSTs alike (`telemetry` the latter
     alone); `disconnects` are connections lost or refused unexpectedly (not offline periods);
-    `refused` devices were turned away for good (revoked, decommissioned) and stopped."""
+    `refused` devices were turned away for good (revoked, decommissioned) and stopped.
+    `firmware_downloads` are firmware images downloaded whole and checked, `firmware_bytes`
+    the bytes of every block received; `updates_succeeded` and `updates_failed` count the
+    firmware jobs that ended so (refused, failed download, installation or boot)."""
 
     devices: int = 0
     enrolled: int = 0
@@ -502,6 +690,10 @@ class FleetCounters:
     offline_periods: int = 0
     disconnects: int = 0
     refused: int = 0
+    firmware_downloads: int = 0
+    firmware_bytes: int = 0
+    updates_succeeded: int = 0
+    updates_failed: int = 0
 
     def snapshot(self) -> dict[str, int]:
         """The counters as a dict, in declaration order."""
@@ -567,6 +759,16 @@ class SimulatedDevice:
         self._jitter = random.Random(f"{seed}/network")
         self.state = new_state(kind, self.rng, _now())
         self.certificate: x509.Certificate | None = None
+        self.firmware = Firmware(version=FIRMWARE[kind], storage_bytes=STORAGE_BYTES[kind])
+        # Firmware failures have their own randomness, so that a run's faults and offline
+        # periods stay the same whether or not a campaign updates the device meanwhile.
+        self._firmware_rng = random.Random(f"{seed}/firmware")
+        # The bytes of `firmware.job`'s image held so far (the device's update slot).
+        self._image = bytearray()
+        # Fetched once per connection, when a job first comes with a manifest.
+        self._manifest_key: VerifyingKey | None = None
+        self._vendor = vendor_id(VENDOR_DOMAIN)
+        self._class = class_id(self._vendor, MODELS[kind])
         # The last state the service committed; what differs from it is the next report.
         self._committed: Document = {}
         self._tls: ssl.SSLContext | None = None
@@ -620,8 +822,9 @@ class SimulatedDevice:
         raise EnrollmentFailed(f"{self.device_id}: enrollment refused: {problem}")
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Connect, follow the desired state and report until `stop` is set, going offline
-        and reconnecting as the behaviour and the network have it. Returns early only if the
+        """Connect, follow the desired state and report until `stop` is set, going offline,
+        rebooting into new firmware and reconnecting as the behaviour, firmware jobs and the
+        network have it. Returns early only if the
         service refuses the device. Call `enroll` first."""
         if self._tls is None:
             raise SimulatorError(f"{self.device_id} has not enrolled")
@@ -631,8 +834,8 @@ class SimulatedDevice:
         try:
             while not stop.is_set():
                 try:
-                    offline = await self._session(tls, stopping)
-                except _ConnectionLost as lost:
+                    away = await self._session(tls, stopping)
+                except ConnectionLost as lost:
                     failures += 1
                     self.counters.disconnects += 1
                     backoff = min(MAX_BACKOFF_SECONDS, 2.0 ** (failures - 1))
@@ -644,21 +847,29 @@ class SimulatedDevice:
                     log.info("%s: refused by the service: %s", self.device_id, refused)
                     return
                 failures = 0
-                if offline is None:
+                if away is None:
                     return
+                if isinstance(away, _Reboot):
+                    await asyncio.wait({stopping}, timeout=self.behaviour.reboot_seconds)
+                    self._boot(away)
+                    continue
                 self.counters.offline += 1
                 self.counters.offline_periods += 1
                 try:
-                    await asyncio.wait({stopping}, timeout=offline)
+                    await asyncio.wait({stopping}, timeout=away)
                 finally:
                     self.counters.offline -= 1
         finally:
             stopping.cancel()
 
-    async def _session(self, tls: ssl.SSLContext, stopping: asyncio.Future[Any]) -> float | None:
+    async def _session(
+        self, tls: ssl.SSLContext, stopping: asyncio.Future[Any]
+    ) -> float | _Reboot | None:
         """One connection: observe the desired state, report, tick. Returns None once stopped,
-        or how long to stay offline; _ConnectionLost or DeviceRefused otherwise."""
+        how long to stay offline, or the reboot into new firmware to go through;
+        ConnectionLost or DeviceRefused otherwise."""
         context = await device_client_context(tls)
+        self._manifest_key = None
         observation: Any = None
         waiting: asyncio.Task[Any] | None = None
         connected = False
@@ -673,7 +884,9 @@ class SimulatedDevice:
             observation = request.observation
             connected = True
             self.counters.connected += 1
-            await self._on_desired(context, first)
+            reboot = await self._on_desired(context, first)
+            if reboot is not None:
+                return reboot
             await self._report(context)
             # One iterator for the whole observation: a new one would start over at the latest
             # notification.
@@ -692,7 +905,9 @@ class SimulatedDevice:
                 if waiting.done():
                     notification = await self._answer(waiting)
                     waiting = None
-                    await self._on_desired(context, notification)
+                    reboot = await self._on_desired(context, notification)
+                    if reboot is not None:
+                        return reboot
                 if loop.time() >= due:
                     offline = await self._tick(context)
                     if offline is not None:
@@ -707,21 +922,179 @@ class SimulatedDevice:
                 self.counters.connected -= 1
             await context.shutdown()
 
-    async def _on_desired(self, context: aiocoap.Context, notification: Any) -> None:
-        """Apply a desired document (an observation's answer) and report what changed."""
+    async def _on_desired(self, context: aiocoap.Context, notification: Any) -> _Reboot | None:
+        """Apply a desired document (an observation's answer) and report what changed, then
+        follow its firmware job; returns the reboot that installing firmware calls for."""
         try:
             desired = cbor2.loads(notification.payload) if notification.payload else {}
         except (cbor2.CBORDecodeError, ValueError):
             log.warning("%s: undecodable desired state ignored", self.device_id)
-            return
+            return None
         if not isinstance(desired, dict):
-            return
+            return None
         # Counted only when the desired state asked for something new; repeated notifications
         # of the same desired state (such as the first after a reconnection) are not changes.
-        asked = bool(compute_delta(desired, self.state.actual))
+        asked = bool(compute_delta(device_settings(desired), self.state.actual))
         self.state = follow_desired(self.state, desired, _now())
         if asked and await self._report(context):
             self.counters.desired_applied += 1
+        return await self._follow_firmware(context, desired.get(FIRMWARE_MEMBER))
+
+    async def _follow_firmware(self, context: aiocoap.Context, instruction: JSON) -> _Reboot | None:
+        """Take the steps the desired firmware job calls for (firmware_updates.decide),
+        reporting each; returns the reboot into an installed image."""
+        decision = decide(self.firmware, instruction)
+        if decision is None:
+            return None
+        if isinstance(decision, Withdrawn):
+            self.firmware = forget_settled(self.firmware)
+            return None
+        if isinstance(decision, Refuse):
+            await self._fail(
+                context,
+                failed(self.firmware, decision.instruction, decision.sha256, decision.refusal),
+            )
+            return None
+        job = decision.job
+        if isinstance(decision, AlreadyRunning):
+            await self._step(context, already_running(self.firmware, job))
+            return None
+        manifest = await self._verified_manifest(context, job)
+        if isinstance(manifest, Refusal):
+            await self._fail(context, failed(self.firmware, job.instruction, job.sha256, manifest))
+            return None
+        if isinstance(decision, Download):
+            if not await self._download(context, job, decision.offset):
+                return None
+        elif isinstance(decision, Keep):
+            await self._step(context, downloaded(self.firmware, job))
+        if job.action is Action.DOWNLOAD:
+            return None
+        sequence = self.firmware.manifest_sequence if manifest is None else manifest.sequence_number
+        return await self._install(context, job, sequence)
+
+    async def _verified_manifest(
+        self, context: aiocoap.Context, job: Job
+    ) -> ManifestContent | Refusal | None:
+        """The job's SUIT manifest, verified with the service's manifest key and found to
+        authorise the job; None if the job has none; the refusal if it fails."""
+        if not job.manifest:
+            return None
+        if self._manifest_key is None:
+            try:
+                self._manifest_key = await fetch_manifest_key(
+                    context, self.endpoint.uri(MANIFEST_KEY_PATH)
+                )
+            except FetchRefused as refused:
+                return refused.refusal
+        try:
+            manifest = read_envelope(job.manifest, self._manifest_key)
+        except ArtifactRejected as error:
+            return Refusal(Reason.REJECTED, f"the manifest does not verify: {error}")
+        problem = manifest_problem(self.firmware, job, manifest, self._vendor, self._class)
+        return manifest if problem is None else problem
+
+    async def _download(self, context: aiocoap.Context, job: Job, offset: int) -> bool:
+        """Download the rest of `job`'s image (its first `offset` bytes are held), reporting
+        progress every quarter, and check it. True once it is reported downloaded; False if
+        the job failed (reported). ConnectionLost when the connection is lost, for real or
+        as the behaviour plans it: the blocks in are kept for the next try to resume from."""
+        del self._image[offset:]
+        await self._step(context, downloading(self.firmware, job, offset))
+        plan = plan_download(
+            offset,
+            job.size,
+            self.behaviour.fw_connection_loss_rate,
+            self.behaviour.fw_integrity_failure_rate,
+            self._firmware_rng,
+        )
+        shown = progress(offset, job.size)
+
+        async def after_block(length: int) -> None:
+            nonlocal shown
+            self.counters.firmware_bytes += length
+            held = len(self._image)
+            self.firmware = replace(self.firmware, received=held)
+            if plan.lose_connection_at is not None and held >= plan.lose_connection_at:
+                # Reported once the device is back: the service decides whether to retry.
+                lost = Refusal(
+                    Reason.CONNECTION_LOST, f"connection lost after {held} of {job.size} bytes"
+                )
+                self._apply(failed(self.firmware, job.instruction, job.sha256, lost))
+                self.counters.updates_failed += 1
+                raise ConnectionLost("simulated connection loss during a firmware download")
+            if progress_due(shown, progress(held, job.size)):
+                shown = progress(held, job.size)
+                await self._step(context, downloading(self.firmware, job, held))
+
+        try:
+            await download_image(
+                context,
+                self.endpoint.uri(job.uri),
+                self._image,
+                limit=job.size,
+                after_block=after_block,
+            )
+        except FetchRefused as refused:
+            await self._fail(
+                context, failed(self.firmware, job.instruction, job.sha256, refused.refusal)
+            )
+            return False
+        if plan.corrupt_at is not None and plan.corrupt_at < len(self._image):
+            self._image[plan.corrupt_at] ^= _CORRUPTION_MASK
+        refusal = check_image(self.firmware, job, bytes(self._image))
+        if refusal is not None:
+            self._image.clear()
+            update = failed(self.firmware, job.instruction, job.sha256, refusal, discard_image=True)
+            await self._fail(context, update)
+            return False
+        self.counters.firmware_downloads += 1
+        await self._step(context, downloaded(self.firmware, job))
+        return True
+
+    async def _install(
+        self, context: aiocoap.Context, job: Job, manifest_sequence: int
+    ) -> _Reboot | None:
+        """Install the held image of `job`: report "updating", then either fail (an install
+        error, as the behaviour plans it) or return the reboot into it."""
+        await self._step(context, updating(self.firmware, job))
+        outcome = plan_install(
+            self.behaviour.fw_install_failure_rate,
+            self.behaviour.fw_revert_rate,
+            self._firmware_rng,
+        )
+        if outcome is InstallOutcome.INSTALL_ERROR:
+            refusal = Refusal(Reason.INSTALL_ERROR, "writing the image to its slot failed")
+            await self._fail(context, failed(self.firmware, job.instruction, job.sha256, refusal))
+            return None
+        identity = image_identity(job, bytes(self._image))
+        return _Reboot(job, outcome, identity, manifest_sequence)
+
+    def _boot(self, reboot: _Reboot) -> None:
+        """Come back from a reboot on the new image, or on the old one if the bootloader fell
+        back; reported once connected."""
+        self._apply(
+            booted(self.firmware, reboot.job, reboot.outcome, reboot.identity, reboot.sequence)
+        )
+        if reboot.outcome is InstallOutcome.SUCCESS:
+            self._image.clear()
+            self.counters.updates_succeeded += 1
+        else:
+            self.counters.updates_failed += 1
+
+    def _apply(self, update: Update) -> None:
+        self.firmware = update.firmware
+        self.state = with_firmware(self.state, update.report)
+
+    async def _step(self, context: aiocoap.Context, update: Update) -> bool:
+        """Take `update` and report it; True if the service committed the report."""
+        self._apply(update)
+        return await self._report(context)
+
+    async def _fail(self, context: aiocoap.Context, update: Update) -> None:
+        """Take and report a failed job's `update`, and count it."""
+        self.counters.updates_failed += 1
+        await self._step(context, update)
 
     async def _tick(self, context: aiocoap.Context) -> float | None:
         """One report interval: advance, report (telemetry too for a sensor, a heartbeat if
@@ -786,7 +1159,7 @@ class SimulatedDevice:
             message.opt.content_format = content_format
         try:
             await self._answer(context.request(message).response)
-        except _ConnectionLost:
+        except ConnectionLost:
             if counted:
                 self.counters.reports_failed += 1
             raise
@@ -805,9 +1178,9 @@ class SimulatedDevice:
         try:
             response = await asyncio.wait_for(pending, REQUEST_TIMEOUT_SECONDS)
         except (aiocoap.error.Error, OSError, TimeoutError) as error:
-            raise _ConnectionLost(str(error) or type(error).__name__) from None
+            raise ConnectionLost(str(error) or type(error).__name__) from None
         if response is None:
-            raise _ConnectionLost("the service ended the observation")
+            raise ConnectionLost("the service ended the observation")
         if response.code.is_successful():
             return response
         detail = f"{response.code}: {response.payload.decode(errors='replace')}"
@@ -818,6 +1191,17 @@ class SimulatedDevice:
 
 class _Rejected(Exception):
     """The service refused one request (e.g. 4.22 for a value outside the profile)."""
+
+
+@dataclass(frozen=True)
+class _Reboot:
+    """A reboot into the installed image of `job`: it boots as `identity` under a manifest
+    with `sequence`, unless `outcome` says the bootloader falls back."""
+
+    job: Job
+    outcome: InstallOutcome
+    identity: ImageIdentity
+    sequence: int
 
 
 async def _next_notification(notifications: Any) -> Any:

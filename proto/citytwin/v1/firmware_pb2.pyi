@@ -851,6 +851,7 @@ class Campaign(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    RETRY_BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `campaigns/{campaign_id}`."""
     display_name: _builtins.str
@@ -885,6 +886,10 @@ class Campaign(_message.Message):
     """For a rollback campaign: the campaign it undoes."""
     created_by: _builtins.str
     """Who created it (`tokens/{id}`)."""
+    retry_backoff_seconds: _builtins.int
+    """Wait before the first retry after a transient failure, doubled for each further one
+    (capped at an hour); 0 means 60 seconds.
+    """
     @_builtins.property
     def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___Wave]:
         """The waves, in order; empty at creation means 1%, 10%, 50%, 100%."""
@@ -949,10 +954,11 @@ class Campaign(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        retry_backoff_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "create_time", b"create_time", "end_time", b"end_time", "rate_limits", b"rate_limits", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "artifact", b"artifact", "continuous", b"continuous", "counts", b"counts", "create_time", b"create_time", "created_by", b"created_by", "current_wave", b"current_wave", "device_timeout_seconds", b"device_timeout_seconds", "display_name", b"display_name", "download_windows", b"download_windows", "end_time", b"end_time", "install_windows", b"install_windows", "max_attempts", b"max_attempts", "name", b"name", "rate_limits", b"rate_limits", "rollback_of", b"rollback_of", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "target_filter", b"target_filter", "time_zone", b"time_zone", "wave_status", b"wave_status", "waves", b"waves"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_downgrade", b"allow_downgrade", "artifact", b"artifact", "continuous", b"continuous", "counts", b"counts", "create_time", b"create_time", "created_by", b"created_by", "current_wave", b"current_wave", "device_timeout_seconds", b"device_timeout_seconds", "display_name", b"display_name", "download_windows", b"download_windows", "end_time", b"end_time", "install_windows", b"install_windows", "max_attempts", b"max_attempts", "name", b"name", "rate_limits", b"rate_limits", "retry_backoff_seconds", b"retry_backoff_seconds", "rollback_of", b"rollback_of", "start_time", b"start_time", "state", b"state", "state_reason", b"state_reason", "target_filter", b"target_filter", "time_zone", b"time_zone", "wave_status", b"wave_status", "waves", b"waves"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -968,8 +974,8 @@ class CreateCampaignRequest(_message.Message):
     @_builtins.property
     def campaign(self) -> Global___Campaign:
         """The campaign; only the settable fields are read (display_name, artifact, target_filter,
-        continuous, waves, rate_limits, device_timeout_seconds, max_attempts, download_windows,
-        install_windows, time_zone, allow_downgrade).
+        continuous, waves, rate_limits, device_timeout_seconds, max_attempts,
+        retry_backoff_seconds, download_windows, install_windows, time_zone, allow_downgrade).
         """
 
     def __init__(

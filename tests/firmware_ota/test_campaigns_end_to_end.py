@@ -1,0 +1,131 @@
+"""Firmware rollouts through the real service: signed uploads over gRPC, campaigns driven by
+the server, devices downloading block-wise over coaps+tcp and reporting progress."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import aiocoap
+import grpc
+import pytest
+from aiocoap.numbers.codes import Code
+from google.protobuf import json_format
+
+from citytwin.v1 import devices_pb2 as d
+from citytwin.v1 import firmware_pb2 as f
+from tests.coap_devices import Site, coap_client, request, set_desired, twin_of
+from tests.conftest import unique
+from tests.firmware_ota.ota_devices import Misbehaviour, Release, ota_devices, running, upload
+
+
+def campaign(api, artifact: f.Artifact, target: str, **fields) -> f.Campaign:
+    created = api.call(
+        api.campaigns.CreateCampaign,
+        f.CreateCampaignRequest(
+            campaign=f.Campaign(artifact=artifact.name, target_filter=target, **fields)
+        ),
+    )
+    return api.call(api.campaigns.StartCampaign, f.CampaignActionRequest(name=created.name))
+
+
+async def until(api, name: str, done, timeout: float = 60.0) -> f.Campaign:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = api.call(api.campaigns.GetCampaign, f.GetCampaignRequest(name=name))
+        if done(current):
+            return current
+        assert time.monotonic() < deadline, current
+        await asyncio.sleep(0.2)
+
+
+def executions(api, name: str) -> list[f.Execution]:
+    return list(
+        api.call(
+            api.campaigns.ListExecutions, f.ListExecutionsRequest(parent=name, page_size=1000)
+        ).executions
+    )
+
+
+async def test_campaign_updates_every_targeted_device(site: Site, tmp_path: Path) -> None:
+    release = Release(site.api, tmp_path)
+    image = release.mcuboot("2.1.0+7")
+    artifact = upload(site.api, image, compatible_kinds=["lamp"])
+    assert artifact.version == "2.1.0+7"
+    assert artifact.format == f.ARTIFACT_FORMAT_MCUBOOT
+    assert artifact.sha256 == hashlib.sha256(image).hexdigest()
+    devices = await ota_devices(site, 4)
+    district = unique("d")
+    for device in devices:
+        site.api.call(
+            site.api.devices.UpdateDevice,
+            d.UpdateDeviceRequest(
+                device=d.Device(name=f"devices/{device.device_id}", labels={"district": district}),
+                update_mask={"paths": ["labels"]},
+            ),
+        )
+    async with running(devices):
+        started = campaign(
+            site.api,
+            artifact,
+            f"district={district}",
+            waves=[f.Wave(percent=50), f.Wave(percent=100)],
+        )
+        done = await until(site.api, started.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
+    assert done.counts.succeeded == 4
+    assert [w.status for w in done.wave_status] == ["passed", "passed"]
+    assert {e.state for e in executions(site.api, started.name)} == {f.EXECUTION_STATE_SUCCEEDED}
+    for device in devices:
+        twin = json_format.MessageToDict(twin_of(site, device.device_id))
+        assert twin["reported"]["firmware"]["version"] == "2.1.0+7"
+        # Only the version stays desired once the job is done: the twin is in sync.
+        assert twin["desired"]["firmware"] == {"version": "2.1.0+7"}
+        assert device.blocks_fetched == list(range(-(-len(image) // 1024)))
+    events = site.api.call(
+        site.api.campaigns.ListCampaignEvents, f.ListCampaignEventsRequest(parent=started.name)
+    ).events
+    assert [e.action for e in events] == ["created", "started", "wave-passed", "completed"]
+
+
+async def test_only_assigned_devices_may_download(site: Site, tmp_path: Path) -> None:
+    release = Release(site.api, tmp_path)
+    artifact = upload(site.api, release.mcuboot("3.0.0"))
+    (device,) = await ota_devices(site, 1)
+    async with coap_client(site.trust, device.cert, device.key) as context:
+        refused = await request(context, site.coaps + f"/fw/{artifact.sha256}")
+        assert refused.code == Code.FORBIDDEN
+        missing = await request(context, site.coaps + "/fw/" + "0" * 64)
+        assert missing.code == Code.NOT_FOUND
+        key = await request(context, site.coaps + "/fw/manifest-key")
+        assert key.code == Code.CONTENT and b"PUBLIC KEY" in key.payload
+
+
+def test_api_callers_cannot_write_the_firmware_job(site: Site) -> None:
+    device_id = site.enroll_code(unique("SN"))[0]
+    with pytest.raises(grpc.RpcError) as refused:
+        set_desired(site.api, device_id, {"firmware": {"version": "9.9.9"}})
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "campaigns" in refused.value.details()
+
+
+async def test_failing_wave_pauses_and_starts_no_further_device(site: Site, tmp_path: Path) -> None:
+    release = Release(site.api, tmp_path)
+    artifact = upload(site.api, release.mcuboot("2.2.0"))
+    devices = await ota_devices(site, 6, misbehaviour=Misbehaviour(fail_reason="install_error"))
+    ids = ",".join(d.device_id for d in devices)
+    async with running(devices):
+        started = campaign(
+            site.api,
+            artifact,
+            f"id in ({ids})",
+            waves=[f.Wave(device_count=2, min_finished=2), f.Wave(percent=100)],
+        )
+        paused = await until(site.api, started.name, lambda c: c.state == f.CAMPAIGN_STATE_PAUSED)
+        await asyncio.sleep(2)
+    assert "failed" in paused.state_reason
+    assert paused.wave_status[0].status == "failed"
+    states = [e.state for e in executions(site.api, started.name)]
+    assert states[:2] == [f.EXECUTION_STATE_FAILED] * 2
+    assert states[2:] == [f.EXECUTION_STATE_PENDING] * 4
