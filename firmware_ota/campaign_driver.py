@@ -75,7 +75,6 @@ from twin.twin_store import update_document
 
 log = logging.getLogger(__name__)
 
-LEASE: Final = timedelta(seconds=30)
 JOIN_SCAN_INTERVAL: Final = timedelta(seconds=30)
 # Starts per pass: bounds one pass's work so the lease is renewed often under a big backlog.
 _MAX_STARTS_PER_PASS: Final = 200
@@ -107,9 +106,15 @@ class CampaignDriver:
     """Drives every live campaign whose lease this replica holds or can take."""
 
     def __init__(
-        self, notifier: FeedNotifier, signer: ManifestSigner, default_zone: ZoneInfo
+        self,
+        notifier: FeedNotifier,
+        signer: ManifestSigner,
+        default_zone: ZoneInfo,
+        *,
+        lease: timedelta,
     ) -> None:
         self._notifier = notifier
+        self._lease = lease
         self._signer = signer
         self._default_zone = default_zone
         self.replica = secrets.token_hex(8)
@@ -156,7 +161,7 @@ class CampaignDriver:
         taken = await Campaign.filter(
             Q(id=campaign_id)
             & (Q(lease_owner=self.replica) | Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-        ).update(lease_owner=self.replica, lease_until=now + LEASE)
+        ).update(lease_owner=self.replica, lease_until=now + self._lease)
         return taken == 1
 
     async def _fence(self, conn: BaseDBAsyncClient, campaign_id: int) -> Campaign:

@@ -144,7 +144,7 @@ def judge_report(
         return Outcome(
             ExecutionState.FAILED, reason=report.reason or "install_error", detail=report.detail
         )
-    if report.state == "idle" and state is ExecutionState.INSTALLING and report.result:
+    if report.state == "idle" and action is Action.INSTALL and report.result:
         # Done with the job, yet not on the target version: the bootloader went back.
         detail = f"device runs {report.version or 'an unknown version'} after the update"
         return Outcome(ExecutionState.FAILED, reason=REVERTED, detail=detail)

@@ -27,8 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from citytwin.v1 import (
     alarms_pb2_grpc,
-    firmware_pb2_grpc,
     devices_pb2_grpc,
+    firmware_pb2_grpc,
     profiles_pb2_grpc,
     provisioning_pb2_grpc,
     twins_pb2_grpc,

@@ -232,7 +232,12 @@ async def serve(settings: Settings) -> None:
         await grpc_server.start()
         running.push_async_callback(grpc_server.stop, 2.0)
         telemetry_retention = timedelta(seconds=settings.telemetry_retention_seconds)
-        driver = CampaignDriver(notifier, ManifestSigner(manifest_key), settings.time_zone)
+        driver = CampaignDriver(
+            notifier,
+            ManifestSigner(manifest_key),
+            settings.time_zone,
+            lease=timedelta(seconds=settings.campaign_lease_seconds),
+        )
         running.push_async_callback(driver.release_all)
         for loop_forever in (
             _every(_TRIM_INTERVAL_SECONDS, lambda: change_feed.trim(retention), "feed trimmed"),

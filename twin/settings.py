@@ -52,6 +52,8 @@ class Settings:
     # Firmware: the largest image accepted, and how often campaigns are driven.
     max_artifact_bytes: int = 16 * 1024 * 1024
     campaign_pass_seconds: float = 1.0
+    # How long a replica may go silent before another takes over the campaigns it drives.
+    campaign_lease_seconds: float = 30.0
 
     @property
     def is_postgres(self) -> bool:
@@ -126,4 +128,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         ),
         max_artifact_bytes=int(_number(env, "CITYTWIN_MAX_ARTIFACT_BYTES", 16 * 1024 * 1024)),
         campaign_pass_seconds=max(0.05, _number(env, "CITYTWIN_CAMPAIGN_PASS", 1.0)),
+        campaign_lease_seconds=max(1.0, _number(env, "CITYTWIN_CAMPAIGN_LEASE", 30.0)),
     )

@@ -87,11 +87,16 @@ class OtaDevice:
         """Act on a desired document's firmware job, if it names one not done yet."""
         job = desired.get("firmware") or {}
         sha, attempt = job.get("sha256"), job.get("attempt")
-        if not sha or (sha, attempt, job.get("action")) in self.jobs_done:
+        instruction = (sha, attempt, job.get("action"))
+        if not sha or instruction in self.jobs_done or self.misbehaviour.silent:
             return
-        self.jobs_done.append((sha, attempt, job.get("action")))
-        if self.misbehaviour.silent:
-            return
+        await self.perform(context, job)
+        # Recorded once carried out: a device cut off half-way does it again on reconnecting.
+        self.jobs_done.append(instruction)
+
+    async def perform(self, context: aiocoap.Context, job: dict[str, Any]) -> None:
+        """Download, check and (if told to) install the job's image, reporting each step."""
+        sha = job["sha256"]
         await self.report(context, {"firmware": {"job": sha, "state": "downloading"}})
         image = await self.download(context, job["uri"])
         if hashlib.sha256(image).hexdigest() != sha:

@@ -8,7 +8,6 @@ import hashlib
 import time
 from pathlib import Path
 
-import aiocoap
 import grpc
 import pytest
 from aiocoap.numbers.codes import Code
@@ -31,8 +30,8 @@ def campaign(api, artifact: f.Artifact, target: str, **fields) -> f.Campaign:
     return api.call(api.campaigns.StartCampaign, f.CampaignActionRequest(name=created.name))
 
 
-async def until(api, name: str, done, timeout: float = 60.0) -> f.Campaign:
-    deadline = time.monotonic() + timeout
+async def until(api, name: str, done, limit: float = 60.0) -> f.Campaign:
+    deadline = time.monotonic() + limit
     while True:
         current = api.call(api.campaigns.GetCampaign, f.GetCampaignRequest(name=name))
         if done(current):
