@@ -75,7 +75,6 @@ from twin.twin_store import update_document
 
 log = logging.getLogger(__name__)
 
-JOIN_SCAN_INTERVAL: Final = timedelta(seconds=30)
 # Starts per pass: bounds one pass's work so the lease is renewed often under a big backlog.
 _MAX_STARTS_PER_PASS: Final = 200
 _RATE_WINDOW: Final = timedelta(seconds=60)
@@ -112,9 +111,12 @@ class CampaignDriver:
         default_zone: ZoneInfo,
         *,
         lease: timedelta,
+        join_scan: timedelta,
     ) -> None:
         self._notifier = notifier
         self._lease = lease
+        # How often a continuous campaign looks for devices that match it since.
+        self._join_scan = join_scan
         self._signer = signer
         self._default_zone = default_zone
         self.replica = secrets.token_hex(8)
@@ -562,7 +564,7 @@ class CampaignDriver:
         now = datetime.now(UTC)
         async with in_transaction() as conn:
             row = await self._fence(conn, campaign_id)
-            if row.last_joined_scan_at and now - row.last_joined_scan_at < JOIN_SCAN_INTERVAL:
+            if row.last_joined_scan_at and now - row.last_joined_scan_at < self._join_scan:
                 return
             known: set[str] = set(
                 await Execution.filter(campaign_id=campaign_id)
@@ -646,6 +648,9 @@ def _skip_reason(
         return "incompatible", f"the image is not for model {fact.model}"
     if report.version and _same_version(report.version, artifact.version):
         return "up_to_date", f"the device runs {report.version} already"
+    if not report.version and not campaign.settings.allow_downgrade:
+        # Installing blind could downgrade it; the operator can allow that explicitly.
+        return "unknown_version", "the device has not reported its running version"
     counter = fact.reported.get("firmware", {})
     security_counter = counter.get("security_counter") if isinstance(counter, dict) else None
     refusal = downgrade_refusal(

@@ -129,6 +129,9 @@ class Server:
             "CITYTWIN_COAPS_PORT": str(self.coaps_port),
             # Every test connects from 127.0.0.1: throttling is tested on servers of its own.
             "CITYTWIN_ENROLL_MAX_FAILURES": "100000",
+            # Campaigns move in seconds rather than minutes.
+            "CITYTWIN_CAMPAIGN_PASS": "0.2",
+            "CITYTWIN_CAMPAIGN_JOIN_SCAN": "1",
             **self.extra_env,
         }
         log = open(self.db.home / f"server-{self.grpc_port}.log", "wb")  # noqa: SIM115

@@ -237,6 +237,7 @@ async def serve(settings: Settings) -> None:
             ManifestSigner(manifest_key),
             settings.time_zone,
             lease=timedelta(seconds=settings.campaign_lease_seconds),
+            join_scan=timedelta(seconds=settings.campaign_join_scan_seconds),
         )
         running.push_async_callback(driver.release_all)
         for loop_forever in (

@@ -54,6 +54,8 @@ class Settings:
     campaign_pass_seconds: float = 1.0
     # How long a replica may go silent before another takes over the campaigns it drives.
     campaign_lease_seconds: float = 30.0
+    # How often continuous campaigns look for devices that joined their target.
+    campaign_join_scan_seconds: float = 30.0
 
     @property
     def is_postgres(self) -> bool:
@@ -129,4 +131,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         max_artifact_bytes=int(_number(env, "CITYTWIN_MAX_ARTIFACT_BYTES", 16 * 1024 * 1024)),
         campaign_pass_seconds=max(0.05, _number(env, "CITYTWIN_CAMPAIGN_PASS", 1.0)),
         campaign_lease_seconds=max(1.0, _number(env, "CITYTWIN_CAMPAIGN_LEASE", 30.0)),
+        campaign_join_scan_seconds=max(0.1, _number(env, "CITYTWIN_CAMPAIGN_JOIN_SCAN", 30.0)),
     )

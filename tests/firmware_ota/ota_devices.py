@@ -18,7 +18,9 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.field_mask_pb2 import FieldMask
 
+from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import firmware_pb2 as f
 from tests.coap_devices import Site, coap_client, enrolled_device
 from tests.conftest import Api
@@ -196,6 +198,17 @@ class Release:
         return imgtool_sign(
             self.directory, os.urandom(size), *options, key=self.key.pem_path, version=version
         )
+
+
+def label(api: Api, device_id: str, labels: dict[str, str]) -> None:
+    """Set a device's labels, as an installer would after enrolling it."""
+    api.call(
+        api.devices.UpdateDevice,
+        d.UpdateDeviceRequest(
+            device=d.Device(name=f"devices/{device_id}", labels=labels),
+            update_mask=FieldMask(paths=["labels"]),
+        ),
+    )
 
 
 def upload(api: Api, image: bytes, **metadata: Any) -> f.Artifact:

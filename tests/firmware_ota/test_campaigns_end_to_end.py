@@ -13,11 +13,17 @@ import pytest
 from aiocoap.numbers.codes import Code
 from google.protobuf import json_format
 
-from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import firmware_pb2 as f
 from tests.coap_devices import Site, coap_client, request, set_desired, twin_of
 from tests.conftest import unique
-from tests.firmware_ota.ota_devices import Misbehaviour, Release, ota_devices, running, upload
+from tests.firmware_ota.ota_devices import (
+    Misbehaviour,
+    Release,
+    label,
+    ota_devices,
+    running,
+    upload,
+)
 
 
 def campaign(api, artifact: f.Artifact, target: str, **fields) -> f.Campaign:
@@ -58,13 +64,7 @@ async def test_campaign_updates_every_targeted_device(site: Site, tmp_path: Path
     devices = await ota_devices(site, 4)
     district = unique("d")
     for device in devices:
-        site.api.call(
-            site.api.devices.UpdateDevice,
-            d.UpdateDeviceRequest(
-                device=d.Device(name=f"devices/{device.device_id}", labels={"district": district}),
-                update_mask={"paths": ["labels"]},
-            ),
-        )
+        label(site.api, device.device_id, {"district": district})
     async with running(devices):
         started = campaign(
             site.api,

@@ -1158,7 +1158,8 @@ class Execution(_message.Message):
     failure_reason: _builtins.str
     """For FAILED, TIMED_OUT, SKIPPED, RETRY_WAIT: why (`integrity`, `out_of_storage`,
     `unsupported`, `connection_lost`, `install_error`, `rejected`, `reverted`, `timeout`,
-    `downgrade`, `incompatible`, `up_to_date`, `decommissioned`).
+    `downgrade`, `unknown_version`, `upgrade_path`, `incompatible`, `up_to_date`,
+    `decommissioned`).
     """
     detail: _builtins.str
     """More detail, as the device or the service said it."""
