@@ -12,6 +12,7 @@ import pytest
 from citytwin.v1 import firmware_pb2 as f
 from tests.coap_devices import Site, twin_of
 from tests.firmware_ota.ota_devices import (
+    Misbehaviour,
     OtaDevice,
     Release,
     label,
@@ -189,3 +190,29 @@ async def test_watch_streams_progress_until_the_campaign_ends(site: Site, tmp_pa
         seen = await asyncio.to_thread(lambda: [(c.state, c.counts.succeeded) for c in stream])
     assert seen[-1] == (f.CAMPAIGN_STATE_COMPLETED, 2)
     assert len(seen) >= 2
+
+
+async def test_a_wave_that_fails_with_rollback_rolls_the_updated_devices_back(
+    site: Site, tmp_path: Path
+) -> None:
+    release = Release(site.api, tmp_path)
+    upload(site.api, release.mcuboot("1.0.0"))
+    new = upload(site.api, release.mcuboot("3.7.0"))
+    good = await ota_devices(site, 1)
+    bad = await ota_devices(site, 1, misbehaviour=Misbehaviour(fail_reason="install_error"))
+    async with running([*good, *bad]):
+        failing = campaign(
+            site.api,
+            new,
+            _ids([*good, *bad]),
+            waves=[f.Wave(percent=100, min_finished=2, on_failure=f.FAILURE_ACTION_ROLLBACK)],
+        )
+        aborted = await until(site.api, failing.name, lambda c: c.state == f.CAMPAIGN_STATE_ABORTED)
+        listed = site.api.call(site.api.campaigns.ListCampaigns, f.ListCampaignsRequest())
+        (rollback,) = (c for c in listed.campaigns if c.rollback_of == failing.name)
+        await until(site.api, rollback.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
+    assert "failed" in aborted.state_reason
+    assert good[0].version == "1.0.0" and bad[0].version == "1.0.0"
+    (execution,) = executions(site.api, rollback.name)
+    assert execution.device == f"devices/{good[0].device_id}"
+    assert execution.state == f.EXECUTION_STATE_SUCCEEDED

@@ -4,6 +4,7 @@ maintenance windows, a server killed mid-rollout, and two replicas sharing one d
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -233,3 +234,26 @@ async def test_two_replicas_never_drive_a_campaign_twice(
         assert {e.attempt for e in executions(site.api, started.name)} == {1}
     finally:
         second.stop()
+
+
+def test_a_broken_upload_leaves_nothing_and_can_be_sent_again(site: Site, tmp_path: Path) -> None:
+    release = Release(site.api, tmp_path)
+    image = release.mcuboot("4.1.0", 100_000)
+
+    def broken() -> Iterator[f.UploadArtifactRequest]:
+        yield f.UploadArtifactRequest(
+            metadata=f.ArtifactMetadata(display_name="lamp", size_bytes=len(image))
+        )
+        yield f.UploadArtifactRequest(chunk=image[:50_000])
+        raise ConnectionResetError("the uploader's link went down")
+
+    with pytest.raises(grpc.RpcError) as cut:
+        site.api.call(site.api.firmware.UploadArtifact, broken())
+    assert cut.value.code() == grpc.StatusCode.UNKNOWN
+    digest = hashlib.sha256(image).hexdigest()
+    with pytest.raises(grpc.RpcError) as missing:
+        site.api.call(
+            site.api.firmware.GetArtifact, f.GetArtifactRequest(name=f"artifacts/{digest}")
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    assert upload(site.api, image).sha256 == digest

@@ -42,7 +42,10 @@ async def until(api, name: str, done, limit: float = 60.0) -> f.Campaign:
         current = api.call(api.campaigns.GetCampaign, f.GetCampaignRequest(name=name))
         if done(current):
             return current
-        assert time.monotonic() < deadline, current
+        assert time.monotonic() < deadline, (
+            f"state {current.state}: {current.state_reason}; counts {current.counts}; "
+            f"wave {current.current_wave} {[w.status for w in current.wave_status]}"
+        )
         await asyncio.sleep(0.2)
 
 

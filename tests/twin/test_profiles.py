@@ -43,10 +43,13 @@ def test_builtins_are_consistent(profile: Profile) -> None:
     assert profile.description
     for p in profile.properties:
         assert p.description, p.path
-    firmware = profile.spec("firmware")
-    version = profile.spec("firmware.version")
-    assert firmware is not None and firmware.type is T.OBJECT and not firmware.writable
-    assert version is not None and version.type is T.STRING and not version.writable
+    # Every built-in model takes firmware jobs (written by campaigns) and reports progress.
+    for path in ("firmware", "firmware.version", "firmware.sha256", "firmware.action"):
+        spec = profile.spec(path)
+        assert spec is not None and spec.writable, path
+    for path in ("firmware.state", "firmware.result", "firmware.reason", "firmware.job"):
+        spec = profile.spec(path)
+        assert spec is not None and not spec.writable, path
 
 
 def test_builtin_models_and_kinds() -> None:
