@@ -14,7 +14,13 @@ from typing import Any, TypeVar
 
 import grpc
 
-from citytwin.v1 import alarms_pb2_grpc, devices_pb2_grpc, provisioning_pb2_grpc, twins_pb2_grpc
+from citytwin.v1 import (
+    alarms_pb2_grpc,
+    devices_pb2_grpc,
+    firmware_pb2_grpc,
+    provisioning_pb2_grpc,
+    twins_pb2_grpc,
+)
 from twin.errors import InvalidArgument, Unauthenticated
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -77,6 +83,8 @@ class ApiClient:
         self.twins = twins_pb2_grpc.TwinServiceStub(self.channel)
         self.alarms = alarms_pb2_grpc.AlarmServiceStub(self.channel)
         self.provisioning = provisioning_pb2_grpc.ProvisioningServiceStub(self.channel)
+        self.firmware = firmware_pb2_grpc.FirmwareServiceStub(self.channel)
+        self.campaigns = firmware_pb2_grpc.CampaignServiceStub(self.channel)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ApiClient:

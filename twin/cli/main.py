@@ -11,7 +11,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twin.cli import api_commands, ca_commands, token_commands
+from twin.cli import (
+    api_commands,
+    ca_commands,
+    campaign_commands,
+    firmware_commands,
+    token_commands,
+)
 from twin.errors import CitytwinError
 from twin.logs import configure_logging
 from twin.settings import load_settings
@@ -43,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands.register(commands)
     ca_commands.register(commands)
     api_commands.register(commands)
+    firmware_commands.register(commands)
+    campaign_commands.register(commands)
     return parser
 
 

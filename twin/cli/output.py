@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -98,3 +98,37 @@ def format_time(timestamp: Timestamp | None) -> str:
     if timestamp is None:
         return ""
     return str(timestamp.ToDatetime(tzinfo=UTC).isoformat(timespec="seconds"))
+
+
+def short_name(name: str) -> str:
+    """The id part of a resource name, for table cells."""
+    return name.partition("/")[2] or name
+
+
+def time_of(message: Message, field: str) -> str:
+    """A timestamp field as RFC 3339, or "" when it is not set."""
+    return format_time(getattr(message, field) if message.HasField(field) else None)
+
+
+def show(message: Message, fields: Mapping[str, str], as_json: bool) -> None:
+    """One record: its fields as a key/value table, or the whole message as JSON."""
+    if as_json:
+        print_json(message_to_dict(message))
+    else:
+        print_key_values(list(fields.items()))
+
+
+Record = TypeVar("Record", bound=Message)
+
+
+def show_all(
+    messages: Sequence[Record],
+    fields: Callable[[Record], Mapping[str, str]],
+    columns: Sequence[str],
+    as_json: bool,
+) -> None:
+    """Records as a table with `columns`, or as a JSON list."""
+    if as_json:
+        print_json([message_to_dict(m) for m in messages])
+    else:
+        print_table([fields(m) for m in messages], columns)

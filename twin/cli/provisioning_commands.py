@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +19,6 @@ from typing import Any, TextIO, TypeVar
 import grpc
 import segno
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.protobuf.message import Message
 from rich.console import Console
 from rich.text import Text
 
@@ -29,11 +28,13 @@ from twin.cli.api_client import ApiClient, add_api_command, api_command, device_
 from twin.cli.argument_types import positive_int, positive_seconds
 from twin.cli.device_commands import add_device_arguments, device_from_args
 from twin.cli.output import (
-    format_time,
     message_to_dict,
     print_json,
     print_key_values,
-    print_table,
+    short_name,
+    show,
+    show_all,
+    time_of,
 )
 from twin.errors import InvalidArgument
 
@@ -77,7 +78,6 @@ STEP_MESSAGES = {
 }
 
 Item = TypeVar("Item")
-Record = TypeVar("Record", bound=Message)
 
 
 # --- names and values -------------------------------------------------------------------
@@ -112,15 +112,6 @@ def certificate_name(text: str) -> str:
     return _name_in("certificates", serial, "a certificate serial number")
 
 
-def _short(name: str) -> str:
-    """The id part of a resource name, for table cells."""
-    return name.partition("/")[2] or name
-
-
-def _time(message: Message, field: str) -> str:
-    return format_time(getattr(message, field) if message.HasField(field) else None)
-
-
 def _enrollment_state(state: p.EnrollmentState.ValueType) -> str:
     return p.EnrollmentState.Name(state).lower()
 
@@ -136,12 +127,12 @@ def enrollment_fields(enrollment: p.Enrollment) -> dict[str, str]:
     """An enrollment's fields for people."""
     return {
         "name": enrollment.name,
-        "device": _short(enrollment.device),
+        "device": short_name(enrollment.device),
         "serial": enrollment.serial_number,
         "state": _enrollment_state(enrollment.state),
-        "created": _time(enrollment, "create_time"),
-        "expires": _time(enrollment, "expire_time"),
-        "ended": _time(enrollment, "end_time"),
+        "created": time_of(enrollment, "create_time"),
+        "expires": time_of(enrollment, "expire_time"),
+        "ended": time_of(enrollment, "end_time"),
         "creator": enrollment.creator,
     }
 
@@ -149,25 +140,25 @@ def enrollment_fields(enrollment: p.Enrollment) -> dict[str, str]:
 def group_fields(group: p.EnrollmentGroup) -> dict[str, str]:
     """An enrollment group's fields for people (the PEM only in JSON)."""
     return {
-        "id": _short(group.name),
+        "id": short_name(group.name),
         "description": group.description,
         "ca subject": group.ca_subject,
         "ca sha256": group.ca_fingerprint,
-        "created": _time(group, "create_time"),
+        "created": time_of(group, "create_time"),
     }
 
 
 def certificate_fields(certificate: p.Certificate) -> dict[str, str]:
     """A certificate's fields for people (the PEM only with `certs show --pem`)."""
     return {
-        "serial": _short(certificate.name),
-        "device": _short(certificate.device),
+        "serial": short_name(certificate.name),
+        "device": short_name(certificate.device),
         "state": _certificate_state(certificate.state),
         "authorization": certificate.authorization,
-        "not before": _time(certificate, "not_before"),
-        "not after": _time(certificate, "not_after"),
-        "issued": _time(certificate, "issue_time"),
-        "ended": _time(certificate, "end_time"),
+        "not before": time_of(certificate, "not_before"),
+        "not after": time_of(certificate, "not_after"),
+        "issued": time_of(certificate, "issue_time"),
+        "ended": time_of(certificate, "end_time"),
         "revocation reason": certificate.revocation_reason,
         "sha256": certificate.fingerprint,
     }
@@ -176,10 +167,10 @@ def certificate_fields(certificate: p.Certificate) -> dict[str, str]:
 def audit_fields(event: p.AuditEvent) -> dict[str, str]:
     """An audit event's fields for people."""
     return {
-        "time": _time(event, "time"),
+        "time": time_of(event, "time"),
         "action": event.action,
         "ok": "yes" if event.success else "no",
-        "device": _short(event.device) if event.device else "",
+        "device": short_name(event.device) if event.device else "",
         "serial": event.serial_number,
         "actor": event.actor,
         "source": event.source,
@@ -195,27 +186,8 @@ def policy_fields(policy: p.ProvisioningPolicy) -> dict[str, str]:
         "default code ttl (s)": str(policy.default_code_ttl_seconds),
         "max code ttl (s)": str(policy.max_code_ttl_seconds),
         # Unset while the defaults have never been changed.
-        "updated": _time(policy, "update_time") or "never (defaults)",
+        "updated": time_of(policy, "update_time") or "never (defaults)",
     }
-
-
-def _show(message: Message, fields: Mapping[str, str], as_json: bool) -> None:
-    if as_json:
-        print_json(message_to_dict(message))
-    else:
-        print_key_values(list(fields.items()))
-
-
-def _show_all(
-    messages: Sequence[Record],
-    fields: Callable[[Record], Mapping[str, str]],
-    columns: Sequence[str],
-    as_json: bool,
-) -> None:
-    if as_json:
-        print_json([message_to_dict(m) for m in messages])
-    else:
-        print_table([fields(m) for m in messages], columns)
 
 
 def collect(
@@ -258,10 +230,10 @@ def print_enrollment_code(response: p.CreateEnrollmentResponse, *, qr: bool) -> 
     enrollment = response.enrollment
     print_key_values(
         [
-            ("device", _short(response.device.name)),
+            ("device", short_name(response.device.name)),
             ("serial", response.device.serial_number),
             ("enrollment", enrollment.name),
-            ("expires", _time(enrollment, "expire_time")),
+            ("expires", time_of(enrollment, "expire_time")),
         ]
     )
     console = Console(soft_wrap=True, highlight=False)
@@ -385,7 +357,7 @@ def _install(args: argparse.Namespace, api: ApiClient) -> int:
     sys.stdout.flush()
     # With --json, stdout holds one JSON document; the progress goes beside it.
     out = sys.stderr if args.json else sys.stdout
-    expires = _time(response.enrollment, "expire_time")
+    expires = time_of(response.enrollment, "expire_time")
     return wait_until_active(api, response.device, args.wait_timeout, out, expires)
 
 
@@ -405,7 +377,7 @@ def _enrollments_list(args: argparse.Namespace, api: ApiClient) -> int:
         return response.enrollments, response.next_page_token
 
     enrollments, token = collect(fetch, every=args.all)
-    _show_all(enrollments, enrollment_fields, ENROLLMENT_COLUMNS, args.json)
+    show_all(enrollments, enrollment_fields, ENROLLMENT_COLUMNS, args.json)
     _hint_more(token, "enrollments", "--all")
     return 0
 
@@ -414,7 +386,7 @@ def _enrollments_list(args: argparse.Namespace, api: ApiClient) -> int:
 def _enrollments_get(args: argparse.Namespace, api: ApiClient) -> int:
     request = p.GetEnrollmentRequest(name=enrollment_name(args.enrollment))
     enrollment = api.call(api.provisioning.GetEnrollment, request)
-    _show(enrollment, enrollment_fields(enrollment), args.json)
+    show(enrollment, enrollment_fields(enrollment), args.json)
     return 0
 
 
@@ -422,7 +394,7 @@ def _enrollments_get(args: argparse.Namespace, api: ApiClient) -> int:
 def _enrollments_cancel(args: argparse.Namespace, api: ApiClient) -> int:
     request = p.CancelEnrollmentRequest(name=enrollment_name(args.enrollment))
     enrollment = api.call(api.provisioning.CancelEnrollment, request)
-    _show(enrollment, enrollment_fields(enrollment), args.json)
+    show(enrollment, enrollment_fields(enrollment), args.json)
     return 0
 
 
@@ -442,7 +414,7 @@ def _groups_create(args: argparse.Namespace, api: ApiClient) -> int:
         enrollment_group=p.EnrollmentGroup(description=args.description, ca_certificate_pem=pem),
     )
     group = api.call(api.provisioning.CreateEnrollmentGroup, request)
-    _show(group, group_fields(group), args.json)
+    show(group, group_fields(group), args.json)
     return 0
 
 
@@ -455,7 +427,7 @@ def _groups_list(args: argparse.Namespace, api: ApiClient) -> int:
 
     # Manufacturers are few: always the whole list.
     groups, _ = collect(fetch, every=True)
-    _show_all(groups, group_fields, GROUP_COLUMNS, args.json)
+    show_all(groups, group_fields, GROUP_COLUMNS, args.json)
     return 0
 
 
@@ -463,7 +435,7 @@ def _groups_list(args: argparse.Namespace, api: ApiClient) -> int:
 def _groups_get(args: argparse.Namespace, api: ApiClient) -> int:
     request = p.GetEnrollmentGroupRequest(name=group_name(args.group))
     group = api.call(api.provisioning.GetEnrollmentGroup, request)
-    _show(group, group_fields(group), args.json)
+    show(group, group_fields(group), args.json)
     return 0
 
 
@@ -495,7 +467,7 @@ def _certs_list(args: argparse.Namespace, api: ApiClient) -> int:
         return response.certificates, response.next_page_token
 
     certificates, token = collect(fetch, every=args.all)
-    _show_all(certificates, certificate_fields, CERTIFICATE_COLUMNS, args.json)
+    show_all(certificates, certificate_fields, CERTIFICATE_COLUMNS, args.json)
     _hint_more(token, "certificates", "--all")
     return 0
 
@@ -507,7 +479,7 @@ def _certs_show(args: argparse.Namespace, api: ApiClient) -> int:
     if args.pem:
         print(certificate.pem, end="")
     else:
-        _show(certificate, certificate_fields(certificate), args.json)
+        show(certificate, certificate_fields(certificate), args.json)
     return 0
 
 
@@ -515,7 +487,7 @@ def _certs_show(args: argparse.Namespace, api: ApiClient) -> int:
 def _certs_revoke(args: argparse.Namespace, api: ApiClient) -> int:
     request = p.RevokeCertificateRequest(name=certificate_name(args.serial), reason=args.reason)
     certificate = api.call(api.provisioning.RevokeCertificate, request)
-    _show(certificate, certificate_fields(certificate), args.json)
+    show(certificate, certificate_fields(certificate), args.json)
     return 0
 
 
@@ -536,7 +508,7 @@ def _certs_policy(args: argparse.Namespace, api: ApiClient) -> int:
         policy = api.call(api.provisioning.UpdateProvisioningPolicy, request)
     else:
         policy = api.call(api.provisioning.GetProvisioningPolicy, p.GetProvisioningPolicyRequest())
-    _show(policy, policy_fields(policy), args.json)
+    show(policy, policy_fields(policy), args.json)
     return 0
 
 
@@ -555,7 +527,7 @@ def _audit(args: argparse.Namespace, api: ApiClient) -> int:
         return response.events, response.next_page_token
 
     events, token = collect(fetch, limit=args.limit)
-    _show_all(events, audit_fields, AUDIT_COLUMNS, args.json)
+    show_all(events, audit_fields, AUDIT_COLUMNS, args.json)
     _hint_more(token, "events", "raise --limit")
     return 0
 
