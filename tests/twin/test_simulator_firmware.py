@@ -217,6 +217,10 @@ def test_a_lost_connection_keeps_the_blocks_and_the_retry_resumes_from_them() ->
     # Another image's bytes are no head start.
     other = job_object(image=IMAGE[::-1])
     assert decide(firmware, other) == Download(job_of(other), 0)
+    # Every byte held but the check never ran (the link broke at the end): no block is left
+    # to ask for, so the retry starts over instead of asking past the end.
+    whole = replace(firmware, received=len(IMAGE))
+    assert decide(whole, job_object(attempt=3)) == Download(job_of(job_object(attempt=3)), 0)
 
 
 def test_blocks_resume_at_the_exact_byte_whatever_block_size_the_server_chose() -> None:

@@ -289,7 +289,10 @@ def decide(firmware: Firmware, instruction: JSON) -> Decision | None:
     held = firmware.job == job.sha256
     if held and firmware.verified:
         return Install(job) if job.action is Action.INSTALL else Keep(job)
-    return Download(job, firmware.received if held else 0)
+    # Bytes held up to the very end, yet not checked (the link broke before the check): there
+    # is no block left to ask for, so the download starts over.
+    resume = firmware.received if held and firmware.received < job.size else 0
+    return Download(job, resume)
 
 
 def resume_block(offset: int, size_exponent: int) -> tuple[int, int]:
