@@ -4,6 +4,7 @@ with scripted misbehaviour, and helpers to sign and upload firmware through the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import os
@@ -18,10 +19,12 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from google.protobuf.field_mask_pb2 import FieldMask
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import firmware_pb2 as f
+from firmware_ota.suit_manifests import read_envelope
 from tests.coap_devices import Site, coap_client, enrolled_device
 from tests.conftest import Api
 from tests.firmware_ota.signing_fixtures import imgtool_key, imgtool_sign
@@ -100,6 +103,11 @@ class OtaDevice:
         """Download, check and (if told to) install the job's image, reporting each step."""
         sha = job["sha256"]
         await self.report(context, {"firmware": {"job": sha, "state": "downloading"}})
+        # The manifest, signed by the service, vouches for what the job says.
+        key = await self.fetch(context, "/fw/manifest-key")
+        manifest = read_envelope(base64.b64decode(job["manifest"]), load_pem_public_key(key))
+        assert (manifest.image_sha256.hex(), manifest.image_size) == (sha, job["size"])
+        assert manifest.uri == job["uri"]
         image = await self.download(context, job["uri"])
         if hashlib.sha256(image).hexdigest() != sha:
             await self.failed(context, sha, "integrity")
@@ -123,6 +131,14 @@ class OtaDevice:
             context,
             {"firmware": {"job": sha, "state": "idle", "result": "failed", "reason": reason}},
         )
+
+    async def fetch(self, context: aiocoap.Context, path: str) -> bytes:
+        """A plain GET on the device's connection."""
+        message = aiocoap.Message(code=aiocoap.GET, uri=self.site.coaps + path)
+        response = await asyncio.wait_for(context.request(message).response, 15)
+        assert response.code == Code.CONTENT, response.payload
+        payload: bytes = response.payload
+        return payload
 
     async def download(self, context: aiocoap.Context, path: str, first_block: int = 0) -> bytes:
         """Fetch an image block by block from `first_block` on."""

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from citytwin.v1 import firmware_pb2 as f
-from tests.coap_devices import Site, twin_of
+from tests.coap_devices import Site, coap_client, twin_of
 from tests.firmware_ota.ota_devices import (
     Misbehaviour,
     OtaDevice,
@@ -216,3 +216,22 @@ async def test_a_wave_that_fails_with_rollback_rolls_the_updated_devices_back(
     (execution,) = executions(site.api, rollback.name)
     assert execution.device == f"devices/{good[0].device_id}"
     assert execution.state == f.EXECUTION_STATE_SUCCEEDED
+
+
+async def test_the_security_counter_never_goes_down_even_when_downgrades_are_allowed(
+    site: Site, tmp_path: Path
+) -> None:
+    release = Release(site.api, tmp_path)
+    artifact = upload(site.api, release.mcuboot("3.8.0", 20_000, "--security-counter", "3"))
+    assert artifact.security_counter == 3
+    (device,) = await ota_devices(site, 1)
+    async with running([device]):
+        async with coap_client(site.trust, device.cert, device.key) as context:
+            await device.report(context, {"firmware": {"security_counter": 5}})
+        started = campaign(
+            site.api, artifact, _ids([device]), waves=[f.Wave(percent=100)], allow_downgrade=True
+        )
+        await until(site.api, started.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
+    (execution,) = executions(site.api, started.name)
+    assert (execution.state, execution.failure_reason) == (f.EXECUTION_STATE_SKIPPED, "downgrade")
+    assert "security counter" in execution.detail

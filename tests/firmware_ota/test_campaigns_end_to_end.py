@@ -91,9 +91,12 @@ async def test_campaign_updates_every_targeted_device(site: Site, tmp_path: Path
     assert [e.action for e in events] == ["created", "started", "wave-passed", "completed"]
 
 
-async def test_only_assigned_devices_may_download(site: Site, tmp_path: Path) -> None:
+async def test_only_assigned_devices_download_and_from_any_block(
+    site: Site, tmp_path: Path
+) -> None:
     release = Release(site.api, tmp_path)
-    artifact = upload(site.api, release.mcuboot("3.0.0"))
+    image = release.mcuboot("3.0.0", 30_000)
+    artifact = upload(site.api, image)
     (device,) = await ota_devices(site, 1)
     async with coap_client(site.trust, device.cert, device.key) as context:
         refused = await request(context, site.coaps + f"/fw/{artifact.sha256}")
@@ -102,6 +105,22 @@ async def test_only_assigned_devices_may_download(site: Site, tmp_path: Path) ->
         assert missing.code == Code.NOT_FOUND
         key = await request(context, site.coaps + "/fw/manifest-key")
         assert key.code == Code.CONTENT and b"PUBLIC KEY" in key.payload
+        await device.report(context, {"firmware": {"version": "1.0.0"}})
+        started = campaign(site.api, artifact, f"id={device.device_id}")
+        await until(site.api, started.name, lambda c: c.counts.in_progress == 1)
+        # A device resuming a broken download asks for the block it stopped at first.
+        tail = await device.download(context, f"/fw/{artifact.sha256}", first_block=7)
+        assert tail == image[7 * 1024 :]
+        past = await request(context, site.coaps + f"/fw/{artifact.sha256}", block2=(100, False, 6))
+        assert past.code == Code.BAD_REQUEST and b"past the end" in past.payload
+    with pytest.raises(grpc.RpcError) as in_use:
+        site.api.call(site.api.firmware.DeleteArtifact, f.DeleteArtifactRequest(name=artifact.name))
+    assert in_use.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    unused = upload(site.api, release.mcuboot("3.0.1"))
+    site.api.call(site.api.firmware.DeleteArtifact, f.DeleteArtifactRequest(name=unused.name))
+    with pytest.raises(grpc.RpcError) as gone:
+        site.api.call(site.api.firmware.GetArtifact, f.GetArtifactRequest(name=unused.name))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_api_callers_cannot_write_the_firmware_job(site: Site) -> None:
