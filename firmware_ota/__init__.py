@@ -15,6 +15,8 @@ campaign (never by API callers):
                                               (its signature sits in its own TLV area)
       manifest:  "<base64>"                   signed SUIT envelope (draft-ietf-suit-manifest)
       action:    "download" | "install"       download only, or download and install
+      attempt:   1, 2, ...                    bumped when the service asks for the same job again
+                                              after a transient failure
 
 The device downloads with block-wise GETs (RFC 7959 Block2) of `uri`, resuming from any block,
 checks the digest (and the manifest), and reports progress in its **reported** state, after
@@ -31,6 +33,10 @@ LwM2M object 5 (state, update result):
       reason:           with "failed": "integrity" | "out_of_storage" | "unsupported" |
                         "connection_lost" | "install_error" | "rejected"
       detail:           free text for operators
+
+Any change of the desired `firmware` object is a new instruction. A campaign withdraws a job
+that failed (`firmware` removed) and reduces a successful one to `{version}`, so the twin is in
+sync once the device runs it.
 
 A job with action "download" is downloaded and kept (state "downloaded") until the action turns
 "install" (the campaign opens the install window); "install" downloads if needed, then installs
