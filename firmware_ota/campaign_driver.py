@@ -281,21 +281,17 @@ class CampaignDriver:
         if state is ExecutionState.SUCCEEDED:
             await self._finish(campaign, row, state, "", "")
             return
+        # An aborted campaign tries nothing again; a paused one keeps the retry for its resume.
         attempts = (
             row.attempt
-            if campaign.state is not CampaignState.RUNNING
+            if campaign.state is CampaignState.ABORTED
             else campaign.settings.max_attempts
         )
         failure = after_failure(
             reason, row.attempt, attempts, datetime.now(UTC), campaign.settings.retry_backoff
         )
-        if failure.state is ExecutionState.RETRY_WAIT:
-            # The job stays withdrawn until the retry, so the device does not keep trying.
-            await self._finish(
-                campaign, row, failure.state, reason, detail, retry_at=failure.retry_at
-            )
-        else:
-            await self._finish(campaign, row, failure.state, reason, detail)
+        # A job waiting for its retry stays withdrawn, so the device does not keep trying.
+        await self._finish(campaign, row, failure.state, reason, detail, retry_at=failure.retry_at)
 
     async def _finish(
         self,
