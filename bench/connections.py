@@ -1,7 +1,7 @@
 """Benchmark: server memory per connected, observing device, against bare aiocoap TLS servers
 holding as many connections, measured in the same run.
 
-    .venv/bin/python bench/connections.py [--devices 1000,5000]
+    .venv/bin/python bench/connections.py [--devices 1000,5000] [--breakdown]
 
 Each server is a separate process on 127.0.0.1; the devices are aiocoap clients in this
 process, each with its own certificate and its own `coaps+tcp` connection, observing
@@ -13,11 +13,19 @@ Three servers, each with the same TLS settings (`server_ssl_context`, client cer
 
 * bare aiocoap `tlsserver`: aiocoap's own TLS transport, i.e. asyncio's TLS protocol with its
   fixed 256 KiB read buffer per connection, and a plain ObservableResource;
-* bare `start_tls_server`: citytwin's transport (record-sized `READ_BUFFER_BYTES` buffers)
-  with the same ObservableResource, which isolates what the smaller buffer buys;
+* bare `start_tls_server`: citytwin's transport (`twin.tls_stream`: one small object per
+  connection over an `ssl.SSLSocket`, one read buffer per listener) with the same
+  ObservableResource, which isolates what the transport costs;
 * citytwin on SQLite: the real thing, devices enrolled first (that takes a while: ~200/s).
   Its "before" is after enrollment, the enrollment connections closed. The backend does not
   matter for what a connection costs, so there is no PostgreSQL run.
+
+`--breakdown` splits a bare `start_tls_server` device's cost with two more bare runs: one
+with `tracemalloc` on in the server (the Python objects: the connection, aiocoap's
+observation; tracemalloc's own bookkeeping inflates that run's RSS, so only its traced bytes
+count), one with devices presenting no client certificate (what OpenSSL's parsed copy of a
+device certificate costs). The rest of the RSS growth is OpenSSL's per-connection state and
+the allocator's overhead.
 
 The process's open-file limit is raised as far as the devices need (the servers inherit it).
 """
@@ -26,13 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
+import signal
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import aiocoap
 import aiocoap.resource
@@ -54,12 +66,17 @@ from bench.devices import (
     serve_bare,
 )
 from tests.conftest import Server, free_port, new_database, run_cli
+from twin.coap_tls import client_ssl_context, device_client_context
 
 # Devices setting up at once: enough to keep the server busy.
 _CONNECT_CONCURRENCY = 64
 # After the last observation is registered, time for the server to finish what it started
 # (feed entries, liveness writes, freed handshake state) before RSS is read.
 _SETTLE_SECONDS = 2.0
+# How long a traced server may take to report its Python heap (a full gc pass first).
+_TRACE_REPORT_SECONDS = 60.0
+
+Connect = Callable[[bytes, Sequence[DeviceCredentials]], Awaitable[list[aiocoap.Context]]]
 
 
 class BareDesired(aiocoap.resource.ObservableResource):  # type: ignore[misc]
@@ -99,25 +116,36 @@ def print_table(rows: list[Row]) -> None:
         print(f"{row.label:<24} {row.before / 1024:>8.1f} MiB{cells}", flush=True)
 
 
+async def connect_anonymous(
+    trust_pem: bytes, devices: Sequence[DeviceCredentials]
+) -> list[aiocoap.Context]:
+    """A client context per device as `connect_devices` makes them, presenting no client
+    certificate."""
+    tls = client_ssl_context(trust_pem)
+    return [await device_client_context(tls) for _ in devices]
+
+
 async def grow(
-    pid: int,
+    measure: Callable[[], int],
     coaps: str,
     trust_pem: bytes,
     devices: Sequence[DeviceCredentials],
     counts: list[int],
     stop_server: Callable[[], None],
+    connect: Connect = connect_devices,
 ) -> tuple[int, dict[int, int]]:
-    """Connect and observe with ever more devices, reading the server's RSS at each count;
-    (RSS before, {count: RSS}). Stops the server before the clients close (see below)."""
+    """Connect and observe with ever more devices, taking the server's `measure` (KiB) at each
+    count; (before, {count: measure}). Stops the server before the clients close (see
+    below)."""
     contexts: list[aiocoap.Context] = []
     observers: list[Observer] = []
     uri = f"{coaps}/twin/desired"
-    before = process_rss_kib(pid)
+    before = measure()
     after: dict[int, int] = {}
     try:
         for count in counts:
             started = time.perf_counter()
-            new_contexts = await connect_devices(trust_pem, devices[len(contexts) : count])
+            new_contexts = await connect(trust_pem, devices[len(contexts) : count])
             new_observers = [Observer() for _ in new_contexts]
             contexts += new_contexts
             observers += new_observers
@@ -137,7 +165,7 @@ async def grow(
                 flush=True,
             )
             await asyncio.sleep(_SETTLE_SECONDS)
-            after[count] = process_rss_kib(pid)
+            after[count] = measure()
     finally:
         for observer in observers:
             observer.stop()
@@ -149,27 +177,71 @@ async def grow(
 
 
 def run_bare(
-    transport: str, label: str, pki: LocalPki, devices: list[DeviceCredentials], counts: list[int]
+    transport: str,
+    label: str,
+    pki: LocalPki,
+    devices: list[DeviceCredentials],
+    counts: list[int],
+    *,
+    connect: Connect = connect_devices,
+    trace_python: bool = False,
 ) -> Row:
-    """One bare server process with `transport`, grown to each count."""
+    """One bare server process with `transport`, grown to each count: its RSS, or with
+    `trace_python` the Python heap tracemalloc sees in it."""
     with tempfile.TemporaryDirectory() as directory:
         pki.save(Path(directory))
+        report = Path(directory) / "python-heap"
+        extra = ["--trace-python", str(report)] if trace_python else []
         # aiocoap's tlsserver takes no port 0 (it would bind 5684), so give it a free one.
-        server = BareServer(__file__, transport, Path(directory), free_port())
+        server = BareServer(__file__, transport, Path(directory), free_port(), extra)
+
+        def measure() -> int:
+            if trace_python:
+                return traced_kib(server.pid, report)
+            return process_rss_kib(server.pid)
+
         try:
             before, after = asyncio.run(
                 grow(
-                    server.pid,
+                    measure,
                     f"coaps+tcp://127.0.0.1:{server.port}",
                     pki.trust_pem,
                     devices,
                     counts,
                     server.stop,
+                    connect,
                 )
             )
         finally:
             server.stop()
     return Row(label, before, after)
+
+
+def traced_kib(pid: int, report: Path) -> int:
+    """The Python heap of a server started with `--trace-python REPORT`, in KiB: it writes
+    its traced bytes to REPORT when sent SIGUSR1."""
+    report.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + _TRACE_REPORT_SECONDS
+    while not report.exists() or not report.read_text().endswith("\n"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {pid} did not report its Python heap")
+        time.sleep(0.05)
+    return int(report.read_text()) // 1024
+
+
+def report_python_heap_on_signal(report: Path) -> None:
+    """In a bare server: trace Python allocations from now on and, on SIGUSR1, write the
+    bytes traced (after a full garbage collection) to `report`."""
+    tracemalloc.start()
+
+    def write(signum: int, frame: FrameType | None) -> None:
+        gc.collect()
+        partial = report.with_suffix(".partial")
+        partial.write_text(f"{tracemalloc.get_traced_memory()[0]}\n")
+        partial.replace(report)
+
+    signal.signal(signal.SIGUSR1, write)
 
 
 def run_citytwin(counts: list[int]) -> Row:
@@ -183,14 +255,47 @@ def run_citytwin(counts: list[int]) -> Row:
             trust = run_cli(db, "ca", "show", "--pem").stdout.encode()
             coaps = f"coaps+tcp://127.0.0.1:{server.coaps_port}"
             devices = enroll_devices(server.address, coaps, token, trust, counts[-1], "conn")
-            assert server.process is not None
+            process = server.process
+            assert process is not None
             before, after = asyncio.run(
-                grow(server.process.pid, coaps, trust, devices, counts, server.stop)
+                grow(
+                    lambda: process_rss_kib(process.pid),
+                    coaps,
+                    trust,
+                    devices,
+                    counts,
+                    server.stop,
+                )
             )
         finally:
             server.stop()
             db.drop()
     return Row("citytwin on sqlite", before, after)
+
+
+def print_breakdown(total: Row, python: Row, anonymous: Row) -> None:
+    """What one bare `start_tls_server` device costs, split up, at each device count."""
+    counts = list(total.after)
+
+    def per_device(row: Row) -> list[float]:
+        return [(row.after[count] - row.before) / count for count in counts]
+
+    overall, objects, without_certificate = (per_device(r) for r in (total, python, anonymous))
+    lines = [
+        ("total (RSS growth)", overall),
+        ("  Python objects (tracemalloc)", objects),
+        ("  the rest: OpenSSL, allocator", [t - p for t, p in zip(overall, objects, strict=True)]),
+        # Mostly OpenSSL's parsed copy; the DER bytes kept in Python are ~0.5 KiB of it.
+        (
+            "  client certificate (vs none), all parts",
+            [t - a for t, a in zip(overall, without_certificate, strict=True)],
+        ),
+    ]
+    print(
+        f"{'per device, bare start_tls_server':<40}" + "".join(f"{c:>10} devices" for c in counts)
+    )
+    for label, values in lines:
+        print(f"{label:<40}" + "".join(f"{v:>14.1f} KiB" for v in values), flush=True)
 
 
 def main() -> None:
@@ -200,11 +305,19 @@ def main() -> None:
         default="1000,5000",
         help="device counts at which to read the server's memory, comma-separated",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="split a bare start_tls_server device's cost (two more bare runs)",
+    )
     parser.add_argument("--bare-server", help=argparse.SUPPRESS)
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--trace-python", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_server:
+        if args.trace_python:
+            report_python_heap_on_signal(args.trace_python)
         asyncio.run(serve_bare(bare_site(), args.pki, args.bare_server, args.port))
         return
 
@@ -223,6 +336,12 @@ def main() -> None:
         run_citytwin(counts),
     ]
     print_table(rows)
+    if args.breakdown:
+        python = run_bare("citytwin", "Python objects", pki, devices, counts, trace_python=True)
+        anonymous = run_bare(
+            "citytwin", "anonymous devices", pki, devices, counts, connect=connect_anonymous
+        )
+        print_breakdown(rows[1], python, anonymous)
 
 
 if __name__ == "__main__":

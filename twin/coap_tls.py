@@ -1,11 +1,14 @@
 """CoAP over TLS (RFC 8323, `coaps+tcp`) for devices, on top of aiocoap's TLS transport.
 
 This is the only module that touches aiocoap's private TLS internals: it subclasses
-`aiocoap.transports.tls.TLSServer` and `aiocoap.transports.tcp.TcpConnection`, reads their
-private attributes (`_transport`, `_spool`, `_pool`, `_tokenmanager`, `_send_message`) and
-registers the transport with `Context._append_tokenmanaged_transport`. None of that is a stable
-API, which is why pyproject.toml pins aiocoap to 0.4.17; an upgrade must re-check this module,
-and tests/twin/test_coap_tls.py exercises every hook. Everything else uses the functions here.
+`aiocoap.transports.tls.TLSServer` and `aiocoap.transports.tcp.TcpConnection`, reads and sets
+their private attributes (`_transport`, `_spool`, `_pool`, `_tokenmanager`, `_ctx`,
+`_local_hostinfo`, `_remote_hostinfo`), calls `_send_message` and `release`, hands
+`TcpConnection.connection_made` a `TlsStream` in place of an asyncio transport, replaces
+`TCPServer.shutdown`, and registers the transport with `Context._append_tokenmanaged_transport`.
+None of that is a stable API, which is why pyproject.toml pins aiocoap to 0.4.17; an upgrade
+must re-check this module, and tests/twin/test_coap_tls.py exercises every hook. Everything
+else uses the functions here.
 
 What it adds to aiocoap's own `tlsserver` transport:
 
@@ -13,21 +16,31 @@ What it adds to aiocoap's own `tlsserver` transport:
   to a TLS bind port; port 0 (ephemeral) works and the bound port is `TlsListener.port`.
   `::` listens dual-stack on one socket (as aiocoap's UDP transport does), where asyncio would
   listen on IPv6 only.
-* A connection cap. Connections are accepted as plain TCP and upgraded with
-  `loop.start_tls`, so one beyond `max_connections` is closed before any TLS work.
+* A connection cap. Connections are accepted here, so one beyond `max_connections` is closed
+  before any TLS work.
 * An idle timeout: a connection that completes no CoAP message (a Ping counts) for
-  `idle_timeout` seconds gets a Release and is closed. Devices that only wait for Observe
-  notifications must ping more often than that. The TLS handshake is bounded by it too.
+  `idle_timeout` seconds gets a Release and is closed, at the latest a quarter of
+  `idle_timeout` later (one sweep over all connections finds them). Devices that only wait for
+  Observe notifications must ping more often than that. The TLS handshake is bounded by it too.
 * The client certificate of each connection (`peer_certificate`), which aiocoap does not hand
   to resources (`authenticated_claims` stays empty on TLS).
+* Back-pressure: while a device leaves its responses unread, nothing more is read from it, and
+  one that lets more than `tls_stream.WRITE_BACKLOG_BYTES` pile up is aborted (aiocoap
+  ignores pause_writing, so asyncio would buffer without bound).
 * `context.shutdown()` closes the connections too; aiocoap only sends them a Release.
 
 For clients (devices, tests), `client_ssl_context` and `device_client_context` give an aiocoap
 client that presents a client certificate, which aiocoap's credentials map cannot express.
 
-A plain asyncio TLS connection costs ~290 KiB, mostly a fixed 256 KiB read buffer; each of
-ours gets a 4 KiB one instead (`READ_BUFFER_BYTES`; bench/connections.py measures the
-cost per connected device), and `max_connections` bounds the total.
+Memory per connected, observing device (bench/connections.py, 1,000 devices, OpenSSL 3.0,
+P-256 device certificates): aiocoap's own TLS transport 308 KiB (asyncio's TLS protocol with
+its fixed 256 KiB read buffer, two OpenSSL memory BIOs, the peer certificate parsed into a
+dict); ours ~42 KiB, with connections as `twin.tls_stream.TlsStream`s (one small object over
+an `ssl.SSLSocket`, one read buffer per listener, no timer per connection). Of those ~42 KiB,
+~11 KiB are Python objects (~9 KiB of them aiocoap's observation machinery: pipes, messages, a
+task) and ~30 KiB OpenSSL's per-connection state, which the `ssl` module cannot trim: the SSL
+object (~9 KiB), its parsed copy of the device certificate (~15 KiB), cipher contexts. TLS
+session-ticket settings make no difference to it. `max_connections` bounds the total.
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiocoap
@@ -48,6 +61,8 @@ import aiocoap.util
 from aiocoap.numbers.codes import RELEASE
 from aiocoap.transports.tcp import TcpConnection
 from aiocoap.transports.tls import TLSServer
+
+from twin.tls_stream import TlsStream, shared_read_buffer
 
 log = logging.getLogger(__name__)
 
@@ -270,29 +285,23 @@ def peer_address(request: aiocoap.Message) -> str:
 
 # -- the transport ---------------------------------------------------------------------------
 
-# asyncio's TLS protocol reads into a buffer of a fixed 256 KiB per connection (Python 3.11's
-# sslproto.SSLProtocol.max_size): most of what an idle device connection costs. Device
-# messages are small (a report is well under 4 KiB), and the buffer only bounds how much
-# decrypted data one read hands on: larger messages take a few more reads. (OpenSSL's own
-# record buffers are released between records: CPython sets SSL_MODE_RELEASE_BUFFERS.)
-READ_BUFFER_BYTES = 4 * 1024
 # The largest CoAP message a device may send in one piece (a 64 KiB report plus headers).
 MAX_MESSAGE_BYTES = 72 * 1024
-
-
-def _shrink_read_buffer(tls_transport: asyncio.Transport) -> None:
-    """Give one connection's TLS protocol a small read buffer. Safe between protocol
-    callbacks: the buffer only holds data during a single recv_into/buffer_updated pair."""
-    protocol = getattr(tls_transport, "_ssl_protocol", None)
-    if protocol is None or not hasattr(protocol, "_ssl_buffer"):
-        return  # another asyncio implementation: keep its own buffer
-    protocol.max_size = READ_BUFFER_BYTES
-    protocol._ssl_buffer = bytearray(READ_BUFFER_BYTES)
-    protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
+# Idle connections are found by one sweep over all of them this many times per idle_timeout
+# (so one is closed between 1 and 1.25 idle_timeouts after its last message), rather than by a
+# timer per connection, which would cost every connection a timer handle.
+_IDLE_SWEEPS_PER_TIMEOUT = 4
+# Connections accepted per readiness callback of a listening socket, so that a connection storm
+# cannot starve the open connections.
+_ACCEPTS_PER_CALLBACK = 64
+# After running out of file descriptors (or kernel memory), accepting pauses this long instead
+# of spinning on a listening socket that stays readable.
+_ACCEPT_RETRY_SECONDS = 1.0
 
 
 class _TlsServer(TLSServer):  # type: ignore[misc]
-    """aiocoap's TLS server transport, with its own listening socket and accept path."""
+    """aiocoap's TLS server transport, with its own listening sockets, accept path and
+    connections (`TlsStream`s instead of asyncio's TLS transport)."""
 
     def __init__(
         self,
@@ -321,17 +330,52 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
         # `_pool` holds only those past the handshake, which are the ones it may send on.
         self.connections: set[_TlsConnection] = set()
         self.closing = False
-        self._handshakes: set[asyncio.Task[None]] = set()
+        # What every connection decrypts is read into this one buffer: connections own none.
+        self.read_buffer = shared_read_buffer()
+        self._sockets: list[socket.socket] = []
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        self._accept_timer: asyncio.TimerHandle | None = None
+        self._all_lost = asyncio.Event()
+        self._all_lost.set()
         self._cap_logged = False
 
     async def listen(self, host: str, port: int) -> None:
-        self.server = await _listen(self.loop, lambda: _Gate(self), host, port)
-        self.port = int(self.server.sockets[0].getsockname()[1])
+        self._sockets = await _listening_sockets(self.loop, host, port)
+        self.port = int(self._sockets[0].getsockname()[1])
+        self._accept_on()
+        self._sweep_timer = self.loop.call_later(self._sweep_interval, self._sweep)
 
-    def admit(self, transport: asyncio.Transport) -> None:
+    @property
+    def _sweep_interval(self) -> float:
+        return self.idle_timeout / _IDLE_SWEEPS_PER_TIMEOUT
+
+    def _accept_on(self) -> None:
+        self._accept_timer = None
+        for listener in self._sockets:
+            self.loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPTS_PER_CALLBACK):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # gone before it was accepted
+                continue
+            except OSError as exc:
+                # Out of descriptors or memory: the socket stays readable, so stop watching it
+                # for a while rather than spin.
+                log.error("coaps+tcp: accepting failed (%s); pausing for a second", exc)
+                for each in self._sockets:
+                    self.loop.remove_reader(each.fileno())
+                self._accept_timer = self.loop.call_later(_ACCEPT_RETRY_SECONDS, self._accept_on)
+                return
+            self._admit(sock, address)
+
+    def _admit(self, sock: socket.socket, address: Any) -> None:
         """Take a freshly accepted TCP connection into a TLS handshake, or refuse it."""
         if self.closing or len(self.connections) >= self.max_connections:
-            transport.abort()
+            sock.close()
             self.refused += 1
             if not self._cap_logged and not self.closing:
                 log.warning(
@@ -339,75 +383,79 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
                 )
                 self._cap_logged = True
             return
-        # Nothing may reach the plain protocol before start_tls puts TLS in its place.
-        transport.pause_reading()
+        try:
+            sock.setblocking(False)
+            # CoAP messages are small and each wants an answer: Nagle's delay would hold them.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        except OSError as exc:  # the peer is already gone
+            log.debug("coaps+tcp: connection lost before its handshake: %s", exc)
+            sock.close()
+            self.failed_handshakes += 1
+            return
         connection = _TlsConnection(self)
         self.connections.add(connection)
-        task = self.loop.create_task(self._handshake(transport, connection))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
+        self._all_lost.clear()
+        connection.stream = TlsStream(
+            tls,
+            self.loop,
+            connection,
+            self.read_buffer,
+            address,
+            handshake_timeout=self.handshake_timeout,
+            close_timeout=_TLS_CLOSE_SECONDS,
+        )
 
-    async def _handshake(self, transport: asyncio.Transport, connection: _TlsConnection) -> None:
-        tls_transport: asyncio.Transport | None = None
-        try:
-            tls_transport = await self.loop.start_tls(
-                transport,
-                connection,
-                self.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=self.handshake_timeout,
-                ssl_shutdown_timeout=_TLS_CLOSE_SECONDS,
-            )
-        except OSError as exc:  # ssl.SSLError, resets, the handshake timeout
-            log.debug("coaps+tcp: TLS handshake failed: %s", exc)
-        finally:
-            # start_tls hands back None when the peer vanished mid-handshake without an error.
-            if tls_transport is None:
-                self.forget(connection)
-                transport.abort()
-                if not self.closing:
-                    self.failed_handshakes += 1
-        if tls_transport is not None:
-            _shrink_read_buffer(tls_transport)
-            connection.tls_established(tls_transport)
-
-    def forget(self, connection: _TlsConnection) -> None:
+    def forget(self, connection: _TlsConnection, exc: Exception | None) -> None:
+        """`connection` is lost; count it as a failed handshake if it never got past one."""
         self.connections.discard(connection)
+        if not self.connections:
+            self._all_lost.set()
         if len(self.connections) < self.max_connections:
             self._cap_logged = False
+        if not connection.established and not self.closing:
+            log.debug("coaps+tcp: TLS handshake failed: %s", exc)
+            self.failed_handshakes += 1
+
+    def _sweep(self) -> None:
+        idle_since = self.loop.time() - self.idle_timeout
+        idle = [c for c in self.connections if c.idle_since(idle_since)]
+        for connection in idle:
+            self.idle_closed += 1
+            connection.release_idle()
+        self._sweep_timer = self.loop.call_later(self._sweep_interval, self._sweep)
 
     async def shutdown(self) -> None:
+        # aiocoap's TCPServer.shutdown, for our listening sockets, and then closing the
+        # connections it only sends a Release on.
         self.closing = True
-        handshakes = list(self._handshakes)
-        for task in handshakes:
-            task.cancel()
-        if handshakes:
-            await asyncio.wait(handshakes)
-        await super().shutdown()
+        self._tokenmanager = None
+        for timer in (self._sweep_timer, self._accept_timer):
+            if timer is not None:
+                timer.cancel()
+        for listener in self._sockets:
+            self.loop.remove_reader(listener.fileno())
+            listener.close()
         open_ones = list(self.connections)
+        released = [c for c in open_ones if c in self._pool]
+        if released:
+            await asyncio.gather(*(c.release() for c in released))
         for connection in open_ones:
             connection.close()
-        waiting = [c.lost for c in open_ones if not c.lost.done()]
-        if waiting:
-            await asyncio.wait(waiting, timeout=_SHUTDOWN_GRACE_SECONDS)
-        for connection in open_ones:
-            if not connection.lost.done():
-                connection.abort_transport()
-
-
-class _Gate(asyncio.Protocol):
-    """The protocol of a plain TCP connection until start_tls replaces it."""
-
-    def __init__(self, server: _TlsServer) -> None:
-        self._server = server
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._server.admit(transport)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_lost.wait(), _SHUTDOWN_GRACE_SECONDS)
+        for connection in list(self.connections):
+            connection.abort_transport()
+        # Aborted connections report their loss on the next loop iteration.
+        await self._all_lost.wait()
 
 
 class _TlsConnection(TcpConnection):  # type: ignore[misc]
-    """One device connection: aiocoap's, plus its certificate, peer host and idle timer."""
+    """One device connection: aiocoap's, plus its TLS stream, its certificate and the time of
+    its last complete message. aiocoap's `_transport` is the stream once the handshake is
+    done."""
 
     # Announced in our CSM (RFC 8323 Max-Message-Size) and enforced on receipt; aiocoap's
     # 1 MiB would let every connection hold a megabyte before any resource can refuse it.
@@ -416,103 +464,98 @@ class _TlsConnection(TcpConnection):  # type: ignore[misc]
 
     def __init__(self, server: _TlsServer) -> None:
         super().__init__(server, server.log, server.loop, is_server=True)
-        self._server = server
+        # Only the DER leaf: OpenSSL keeps its own parsed copy for as long as the connection.
         self.peer_certificate: bytes | None = None
-        self.peer_host = ""
-        self.lost: asyncio.Future[None] = server.loop.create_future()
-        # The handshake completes and TLS reads on before the task that awaited it resumes;
-        # what arrives in between waits here.
-        self._early: list[bytes] = []
-        self._last_message = 0.0
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.last_message = server.loop.time()
+        self.stream: TlsStream | None = None  # set right after, by the server
+        # aiocoap's connection_made sets these. Python gives instances a compact dict only for
+        # attributes first set in __init__; one first set later costs every connection a dict
+        # of its own (~0.7 KiB).
+        self._local_hostinfo: tuple[str, int | None] | None = None
+        self._remote_hostinfo: tuple[str, int | None] | None = None
 
-    def tls_established(self, transport: asyncio.Transport) -> None:
-        if self.lost.done() or transport.is_closing():
-            return
-        ssl_object = transport.get_extra_info("ssl_object")
-        if ssl_object is not None:
-            self.peer_certificate = ssl_object.getpeercert(binary_form=True)
-        self.peer_host = str(transport.get_extra_info("peername")[0])
-        super().connection_made(transport)
-        self._server._pool.add(self)
-        self._last_message = self.loop.time()
-        self._idle_timer = self.loop.call_later(self._server.idle_timeout, self._check_idle)
-        early, self._early = self._early, []
-        for data in early:
-            self.data_received(data)
+    @property
+    def established(self) -> bool:
+        """Whether the TLS handshake is done (and aiocoap has the connection)."""
+        return self._transport is not None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # start_tls does not call this; tls_established does aiocoap's part once TLS is up.
-        pass
+    @property
+    def peer_host(self) -> str:
+        """The peer's IP address as the socket gave it ("" before the handshake is done)."""
+        hostinfo = self._remote_hostinfo
+        return "" if hostinfo is None else hostinfo[0]
+
+    def tls_established(self, stream: TlsStream) -> None:
+        self.peer_certificate = stream.ssl_object.getpeercert(binary_form=True)
+        # aiocoap's connection_made: addresses from the stream, then our CSM.
+        super().connection_made(stream)
+        self._ctx._pool.add(self)
+        self.last_message = self.loop.time()
 
     def data_received(self, data: bytes) -> None:
-        if self._transport is None:
-            self._early.append(data)
-            return
-        if self._server.closing:
+        if self._ctx.closing:
             return  # the token manager is gone; nothing could handle a request now
         expected = len(self._spool) + len(data)
         super().data_received(data)
         # The spool shrinks only when a complete message was taken off it.
         if len(self._spool) < expected:
-            self._last_message = self.loop.time()
+            self.last_message = self.loop.time()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._server.forget(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if not self.lost.done():
-            self.lost.set_result(None)
+        self._ctx.forget(self, exc)
         if self._transport is not None:
             super().connection_lost(exc)
 
-    def _check_idle(self) -> None:
-        # One timer per connection, re-armed for the remaining time rather than on every
-        # message: a busy connection costs nothing here.
-        remaining = self._last_message + self._server.idle_timeout - self.loop.time()
-        if remaining > 0:
-            self._idle_timer = self.loop.call_later(remaining, self._check_idle)
-            return
-        self._idle_timer = None
-        self._server.idle_closed += 1
+    def idle_since(self, moment: float) -> bool:
+        """Whether the connection is open and has completed no message since `moment`."""
+        return self.established and not self._transport.is_closing() and self.last_message < moment
+
+    def release_idle(self) -> None:
+        """Release and close the connection for being idle."""
         log.debug("coaps+tcp: closing idle connection from %s", self.peer_host)
         self._send_message(aiocoap.Message(code=RELEASE))
         self.close()
 
     def close(self) -> None:
-        if self._transport is not None:
-            self._transport.close()
+        """Close the connection in order (queued messages first); one still in its handshake
+        is dropped."""
+        if self.stream is not None:
+            self.stream.close()
 
     def abort_transport(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
+        """Close the connection at once."""
+        if self.stream is not None:
+            self.stream.abort()
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-async def _listen(
-    loop: asyncio.AbstractEventLoop,
-    protocol_factory: Callable[[], asyncio.Protocol],
-    host: str,
-    port: int,
-) -> asyncio.Server:
+async def _listening_sockets(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> list[socket.socket]:
+    """Non-blocking listening sockets for every address of `host`, as asyncio's create_server
+    binds them, except that `::` listens dual-stack (as aiocoap's UDP transport does) where
+    asyncio would listen on IPv6 only."""
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
     try:
-        unspecified_v6 = ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
-    except ValueError:
-        unspecified_v6 = False
-    if not unspecified_v6:
-        return await loop.create_server(protocol_factory, host, port)
-    sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                dual_stack = address[0] == "::"
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(not dual_stack))
+            sock.bind(address)
+            # A whole street of lamps reconnects at once after an outage or a restart.
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
     except OSError:
-        sock.close()
+        for sock in sockets:
+            sock.close()
         raise
-    return await loop.create_server(protocol_factory, sock=sock)
+    return sockets
 
 
 def _transport_remote(request: aiocoap.Message) -> Any:

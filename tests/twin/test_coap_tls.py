@@ -1,6 +1,8 @@
-"""CoAP over TLS (`twin.coap_tls`) with real aiocoap clients and raw TLS sockets on 127.0.0.1:
-client certificates reaching resources, untrusted and newly trusted CAs, the connection cap,
-the idle timeout, exact port binding, peer addresses and shutdown.
+"""CoAP over TLS (`twin.coap_tls`) with real aiocoap clients and raw TLS sockets on 127.0.0.1
+(and ::1): client certificates reaching resources, untrusted and newly trusted CAs, the
+connection cap, the idle timeout, exact port binding, peer addresses, the read buffer the
+connections share, and shutdown. The TLS stream underneath has its own tests
+(test_tls_stream.py: back-pressure, closing, timeouts, no spinning).
 
 Client recipes (aiocoap 0.4.17), for tests that talk `coaps+tcp` to the service:
 
@@ -67,7 +69,6 @@ from tests.conftest import free_port
 from twin import coap_tls
 from twin.coap_tls import (
     MAX_MESSAGE_BYTES,
-    READ_BUFFER_BYTES,
     TlsListener,
     add_client_ca,
     client_ssl_context,
@@ -171,7 +172,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     fleet, _root_key = create_fleet_ca("coap tls test")
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = issue_server_certificate(
-        fleet, server_key.public_key(), dns_names=["localhost"], ip_addresses=["127.0.0.1"]
+        fleet,
+        server_key.public_key(),
+        dns_names=["localhost"],
+        ip_addresses=["127.0.0.1", "::1"],
     )
     stranger_ca, stranger_key = self_signed_ca("stranger factory CA")
     trust_file = tmp_path_factory.mktemp("coap-tls") / "trust.pem"
@@ -194,11 +198,13 @@ class Who(aiocoap.resource.Resource):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
+        self.seen: list[str] = []
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         self.calls += 1
         der = peer_certificate(request)
         seen = hashlib.sha256(der).hexdigest() if der is not None else "none"
+        self.seen.append(seen)
         return aiocoap.Message(payload=f"{peer_address(request)} {seen}".encode())
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -235,7 +241,11 @@ async def serve(pki: Pki) -> AsyncIterator[Serve]:
     started: list[Served] = []
 
     async def start(
-        *, port: int = 0, max_connections: int = 10, idle_timeout: float = 30.0
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_connections: int = 10,
+        idle_timeout: float = 30.0,
     ) -> Served:
         who = Who()
         site = aiocoap.resource.Site()
@@ -247,7 +257,7 @@ async def serve(pki: Pki) -> AsyncIterator[Serve]:
         tls = server_ssl_context(pki.server_chain, pki.server_key, [pem(pki.fleet.issuing_cert)])
         listener = await start_tls_server(
             context,
-            "127.0.0.1",
+            host,
             port,
             tls,
             max_connections=max_connections,
@@ -603,17 +613,65 @@ def test_client_certificate_needs_its_key(pki: Pki) -> None:
         client_ssl_context(pki.trust, cert_pem=pem(pki.device.cert))
 
 
-async def test_connections_read_through_a_small_buffer(serve: Serve, pki: Pki) -> None:
+async def test_connections_share_the_listener_read_buffer(serve: Serve, pki: Pki) -> None:
     served = await serve()
-    async with device_client(pki, pki.device) as client:
-        assert (await get(client, served.coaps + "/who")).code == aiocoap.CONTENT
-        (connection,) = served.listener._server.connections
-        buffer = connection._transport._ssl_protocol._ssl_buffer
-        assert len(buffer) == READ_BUFFER_BYTES < 256 * 1024
-        # A message larger than the buffer (and than a TLS record) still arrives whole.
-        big = aiocoap.Message(code=aiocoap.POST, uri=served.coaps + "/who", payload=b"x" * 100_000)
-        response = await asyncio.wait_for(client.request(big).response, 5)
-        assert response.payload == b"100000"
+    server = served.listener._server
+    async with device_client(pki, pki.device) as one, device_client(pki) as other:
+        for client in (one, other):
+            assert (await get(client, served.coaps + "/who")).code == aiocoap.CONTENT
+        streams = [c.stream for c in server.connections]
+        assert len(streams) == 2
+        assert all(s is not None and s._buffer is server.read_buffer for s in streams)
+        # Messages larger than the buffer (and than a TLS record), on both connections at
+        # once, still arrive whole and unmixed.
+        requests = [
+            client.request(
+                aiocoap.Message(code=aiocoap.POST, uri=served.coaps + "/who", payload=body)
+            ).response
+            for client, body in ((one, b"x" * 100_000), (other, b"y" * 70_000))
+        ]
+        responses = await asyncio.wait_for(asyncio.gather(*requests), 5)
+        assert [r.payload for r in responses] == [b"100000", b"70000"]
+
+
+async def test_the_certificate_outlives_a_connection_closed_before_its_answer(
+    serve: Serve, pki: Pki
+) -> None:
+    served = await serve()
+    async with raw_tls(pki, served.listener.port, pki.device) as raw:
+        raw.send(0x01, b"\x09", b"\xb3who")  # GET /who, and gone before the answer
+    await eventually(lambda: served.who.calls == 1)
+    assert served.who.seen == [pki.device.fingerprint]
+
+
+async def test_shutdown_drops_connections_still_in_their_handshake(serve: Serve) -> None:
+    served = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.listener.port)
+    try:
+        await eventually(lambda: served.listener.open_connections == 1)
+        await served.stop()
+        assert served.listener.open_connections == 0
+        assert served.listener.failed_handshakes == 0  # not a failure: we went away
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+    finally:
+        writer.close()
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_ipv6_loopback(serve: Serve, pki: Pki) -> None:
+    served = await serve(host="::1")
+    async with device_client(pki) as client:
+        response = await get(client, f"coaps+tcp://[::1]:{served.listener.port}/who")
+    assert response.payload.decode() == "::1 none"
 
 
 async def test_messages_beyond_the_announced_size_end_the_connection(
