@@ -296,8 +296,8 @@ async def serve_bare(
 ) -> None:
     """Serve `site` on 127.0.0.1 for ever, with TLS credentials from `directory`.
 
-    `transport` "citytwin" uses `start_tls_server` (what `citytwin serve` uses: record-sized
-    read buffers, connection cap, idle timeout); "aiocoap" uses aiocoap's own `tlsserver`, which
+    `transport` "citytwin" uses `start_tls_server` (what `citytwin serve` uses: one read
+    buffer per listener, connection cap, idle timeout); "aiocoap" uses aiocoap's own `tlsserver`, which
     binds the given port plus one (COAPS_PORT - COAP_PORT), hence `port - 1`. Prints
     "ready PORT" once listening, which `BareServer` waits for.
     """
