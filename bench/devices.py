@@ -297,8 +297,8 @@ async def serve_bare(
     """Serve `site` on 127.0.0.1 for ever, with TLS credentials from `directory`.
 
     `transport` "citytwin" uses `start_tls_server` (what `citytwin serve` uses: one read
-    buffer per listener, connection cap, idle timeout); "aiocoap" uses aiocoap's own `tlsserver`, which
-    binds the given port plus one (COAPS_PORT - COAP_PORT), hence `port - 1`. Prints
+    buffer per listener, connection cap, idle timeout); "aiocoap" uses aiocoap's own
+    `tlsserver`, which binds the given port plus one (COAPS_PORT - COAP_PORT), hence `port - 1`. Prints
     "ready PORT" once listening, which `BareServer` waits for.
     """
     tls = load_server_ssl_context(directory)
