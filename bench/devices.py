@@ -298,8 +298,8 @@ async def serve_bare(
 
     `transport` "citytwin" uses `start_tls_server` (what `citytwin serve` uses: one read
     buffer per listener, connection cap, idle timeout); "aiocoap" uses aiocoap's own
-    `tlsserver`, which binds the given port plus one (COAPS_PORT - COAP_PORT), hence `port - 1`. Prints
-    "ready PORT" once listening, which `BareServer` waits for.
+    `tlsserver`, which binds the given port plus one (COAPS_PORT - COAP_PORT), hence
+    `port - 1`. Prints "ready PORT" once listening, which `BareServer` waits for.
     """
     tls = load_server_ssl_context(directory)
     if transport == "aiocoap":
