@@ -9,23 +9,33 @@ process, each with its own certificate and its own `coaps+tcp` connection, obser
 device connects and once the first 1,000, then 5,000 devices are connected and their
 observations registered; the growth divided by the devices connected is the cost of one.
 
-Three servers, each with the same TLS settings (`server_ssl_context`, client certificates):
+Five servers, each with the same TLS settings (`server_ssl_context`, client certificates):
 
 * bare aiocoap `tlsserver`: aiocoap's own TLS transport, i.e. asyncio's TLS protocol with its
-  fixed 256 KiB read buffer per connection, and a plain ObservableResource;
+  fixed 256 KiB read buffer per connection, and a plain aiocoap ObservableResource (a task
+  per observer);
 * bare `start_tls_server`: citytwin's transport (`twin.tls_stream`: one small object per
-  connection over an `ssl.SSLSocket`, one read buffer per listener) with the same
-  ObservableResource, which isolates what the transport costs;
+  connection over an `ssl.SSLSocket`, one read buffer per listener) and observations as
+  citytwin serves them (`twin.pipe_observations`: one small object per observer, no task);
+* the same with aiocoap's ObservableResource instead (as the first server), which isolates
+  what aiocoap's observation machinery costs;
+* the same as the second with devices that send only their own certificate. Our Python
+  devices (`client_ssl_context`, as the simulator and the other servers' devices use it) send
+  the issuing and root CA certificates too: OpenSSL completes a client's chain from its trust
+  store unless told not to, and the server keeps the parsed copy of every certificate sent
+  for as long as the connection. These devices trust only the root CA, so OpenSSL finds no
+  issuer to add, as a device stack configured with just its own certificate behaves;
 * citytwin on SQLite: the real thing, devices enrolled first (that takes a while: ~200/s).
   Its "before" is after enrollment, the enrollment connections closed. The backend does not
   matter for what a connection costs, so there is no PostgreSQL run.
 
-`--breakdown` splits a bare `start_tls_server` device's cost with two more bare runs: one
-with `tracemalloc` on in the server (the Python objects: the connection, aiocoap's
-observation; tracemalloc's own bookkeeping inflates that run's RSS, so only its traced bytes
-count), one with devices presenting no client certificate (what OpenSSL's parsed copy of a
-device certificate costs). The rest of the RSS growth is OpenSSL's per-connection state and
-the allocator's overhead.
+`--breakdown` splits a bare `start_tls_server` device's cost (pipe observations) with two
+more bare runs: one with `tracemalloc` on in the server (the Python objects: the connection,
+the observation; tracemalloc's own bookkeeping inflates that run's RSS, so only its traced
+bytes count), one with devices presenting no client certificate (what OpenSSL's parsed copies
+of the certificates a device sends cost; with the leaf-only run, what the CA certificates
+among them cost). The rest of the RSS growth is OpenSSL's per-connection state and the
+allocator's overhead.
 
 The process's open-file limit is raised as far as the devices need (the servers inherit it).
 """
@@ -49,6 +59,9 @@ from types import FrameType
 import aiocoap
 import aiocoap.resource
 from aiocoap.numbers.codes import Code
+from aiocoap.pipe import Pipe
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,6 +80,7 @@ from bench.devices import (
 )
 from tests.conftest import Server, free_port, new_database, run_cli
 from twin.coap_tls import client_ssl_context, device_client_context
+from twin.pipe_observations import PipeObservation
 
 # Devices setting up at once: enough to keep the server busy.
 _CONNECT_CONCURRENCY = 64
@@ -87,10 +101,28 @@ class BareDesired(aiocoap.resource.ObservableResource):  # type: ignore[misc]
         return aiocoap.Message(code=Code.CONTENT, payload=b"{}", content_format=50)
 
 
-def bare_site() -> aiocoap.resource.Site:
-    """The bare servers' site."""
+class PipeDesired(aiocoap.resource.Resource):  # type: ignore[misc]
+    """`/twin/desired` observed as citytwin serves observations (`PipeObservation`)."""
+
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        """An observation for a GET with Observe: 0, else one answer."""
+        if pipe.request.opt.observe != 0:
+            await super().render_to_pipe(pipe)
+            return
+        # Nothing ever triggers it: the pipe that aiocoap keeps for the request holds it.
+        await PipeObservation(pipe, self).serve()
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        """The (never changing) document."""
+        return aiocoap.Message(code=Code.CONTENT, payload=b"{}", content_format=50)
+
+
+def bare_site(observations: str) -> aiocoap.resource.Site:
+    """The bare servers' site, observed through aiocoap's ObservableResource ("aiocoap") or
+    `PipeObservation` ("pipe")."""
     site = aiocoap.resource.Site()
-    site.add_resource(["twin", "desired"], BareDesired())
+    resource = BareDesired() if observations == "aiocoap" else PipeDesired()
+    site.add_resource(["twin", "desired"], resource)
     return site
 
 
@@ -123,6 +155,20 @@ async def connect_anonymous(
     certificate."""
     tls = client_ssl_context(trust_pem)
     return [await device_client_context(tls) for _ in devices]
+
+
+async def connect_leaf_only(
+    trust_pem: bytes, devices: Sequence[DeviceCredentials]
+) -> list[aiocoap.Context]:
+    """A client context per device as `connect_devices` makes them, trusting only the
+    self-signed (root) certificates of `trust_pem`, so that each device sends only its own
+    certificate (see the module docstring)."""
+    roots = b"".join(
+        cert.public_bytes(serialization.Encoding.PEM)
+        for cert in x509.load_pem_x509_certificates(trust_pem)
+        if cert.subject == cert.issuer
+    )
+    return await connect_devices(roots, devices)
 
 
 async def grow(
@@ -183,15 +229,18 @@ def run_bare(
     devices: list[DeviceCredentials],
     counts: list[int],
     *,
+    observations: str = "pipe",
     connect: Connect = connect_devices,
     trace_python: bool = False,
 ) -> Row:
-    """One bare server process with `transport`, grown to each count: its RSS, or with
-    `trace_python` the Python heap tracemalloc sees in it."""
+    """One bare server process with `transport` and `observations` (see `bare_site`), grown
+    to each count: its RSS, or with `trace_python` the Python heap tracemalloc sees in it."""
     with tempfile.TemporaryDirectory() as directory:
         pki.save(Path(directory))
         report = Path(directory) / "python-heap"
-        extra = ["--trace-python", str(report)] if trace_python else []
+        extra = ["--observations", observations]
+        if trace_python:
+            extra += ["--trace-python", str(report)]
         # aiocoap's tlsserver takes no port 0 (it would bind 5684), so give it a free one.
         server = BareServer(__file__, transport, Path(directory), free_port(), extra)
 
@@ -273,23 +322,23 @@ def run_citytwin(counts: list[int]) -> Row:
     return Row("citytwin on sqlite", before, after)
 
 
-def print_breakdown(total: Row, python: Row, anonymous: Row) -> None:
+def print_breakdown(total: Row, python: Row, anonymous: Row, leaf_only: Row) -> None:
     """What one bare `start_tls_server` device costs, split up, at each device count."""
     counts = list(total.after)
 
     def per_device(row: Row) -> list[float]:
         return [(row.after[count] - row.before) / count for count in counts]
 
-    overall, objects, without_certificate = (per_device(r) for r in (total, python, anonymous))
+    def minus(row: Row) -> list[float]:
+        return [t - r for t, r in zip(per_device(total), per_device(row), strict=True)]
+
     lines = [
-        ("total (RSS growth)", overall),
-        ("  Python objects (tracemalloc)", objects),
-        ("  the rest: OpenSSL, allocator", [t - p for t, p in zip(overall, objects, strict=True)]),
-        # Mostly OpenSSL's parsed copy; the DER bytes kept in Python are ~0.5 KiB of it.
-        (
-            "  client certificate (vs none), all parts",
-            [t - a for t, a in zip(overall, without_certificate, strict=True)],
-        ),
+        ("total (RSS growth)", per_device(total)),
+        ("  Python objects (tracemalloc)", per_device(python)),
+        ("  the rest: OpenSSL, allocator", minus(python)),
+        # Mostly OpenSSL's parsed copies; the DER leaf kept in Python is ~0.5 KiB of it.
+        ("  certificates sent (vs none), all parts", minus(anonymous)),
+        ("    the CA certificates among them", minus(leaf_only)),
     ]
     print(
         f"{'per device, bare start_tls_server':<40}" + "".join(f"{c:>10} devices" for c in counts)
@@ -314,11 +363,15 @@ def main() -> None:
     parser.add_argument("--pki", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--trace-python", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--observations", choices=["aiocoap", "pipe"], default="pipe", help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.bare_server:
         if args.trace_python:
             report_python_heap_on_signal(args.trace_python)
-        asyncio.run(serve_bare(bare_site(), args.pki, args.bare_server, args.port))
+        site = bare_site(args.observations)
+        asyncio.run(serve_bare(site, args.pki, args.bare_server, args.port))
         return
 
     counts = sorted(int(c) for c in args.devices.split(","))
@@ -331,8 +384,14 @@ def main() -> None:
     pki = LocalPki.create()
     devices = pki.devices(counts[-1])
     rows = [
-        run_bare("aiocoap", "bare aiocoap tlsserver", pki, devices, counts),
+        run_bare("aiocoap", "bare aiocoap tlsserver", pki, devices, counts, observations="aiocoap"),
         run_bare("citytwin", "bare start_tls_server", pki, devices, counts),
+        run_bare(
+            "citytwin", "  aiocoap's observations", pki, devices, counts, observations="aiocoap"
+        ),
+        run_bare(
+            "citytwin", "  leaf-only devices", pki, devices, counts, connect=connect_leaf_only
+        ),
         run_citytwin(counts),
     ]
     print_table(rows)
@@ -341,7 +400,7 @@ def main() -> None:
         anonymous = run_bare(
             "citytwin", "anonymous devices", pki, devices, counts, connect=connect_anonymous
         )
-        print_breakdown(rows[1], python, anonymous)
+        print_breakdown(rows[1], python, anonymous, rows[3])
 
 
 if __name__ == "__main__":

@@ -1,25 +1,26 @@
 """Which devices observe which of their twin documents over CoAP, and pushing changes to them.
 
 Observations are kept per device, so a change notifies only that device's observers (aiocoap's
-own ObservableResource would re-render every observer of the path, i.e. every device). Changes
-are learnt from the change feed, not from the code path that made them: a desired update made
-through gRPC on another replica sharing the PostgreSQL database reaches the observers held
-here just the same (the feed's LISTEN/NOTIFY wakes this process).
+own ObservableResource would re-render every observer of the path, i.e. every device). Each is
+a `PipeObservation` (pipe_observations.py): a small object per observer and no task while
+nothing changes. Changes are learnt from the change feed, not from the code path that made
+them: a desired update made through gRPC on another replica sharing the PostgreSQL database
+reaches the observers held here just the same (the feed's LISTEN/NOTIFY wakes this process).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
-from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+
+from aiocoap.pipe import Pipe
 
 from provisioning.device_certificates import forget_device
 from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier
 from twin.errors import OutOfRange
+from twin.pipe_observations import PipeObservation, Renderer
 from twin.selectors import Selector
 
 log = logging.getLogger(__name__)
@@ -41,41 +42,64 @@ _AFFECTED: dict[ChangeType, frozenset[Document]] = {
 }
 
 
+class _DeviceObservation(PipeObservation):
+    """An observation that knows where it is registered, so that it can leave by itself."""
+
+    __slots__ = ("device_id", "document", "registry")
+
+    def __init__(
+        self,
+        pipe: Pipe,
+        renderer: Renderer,
+        registry: DeviceObservers,
+        device_id: str,
+        document: Document,
+    ) -> None:
+        super().__init__(pipe, renderer)
+        self.registry = registry
+        self.device_id = device_id
+        self.document = document
+
+    def ended(self) -> None:
+        self.registry.discard(self)
+
+
 class DeviceObservers:
-    """Live observations (aiocoap ServerObservation objects) by device and document."""
+    """Live observations by device."""
 
     def __init__(self) -> None:
-        self._observations: dict[str, dict[Document, set[Any]]] = defaultdict(
-            lambda: defaultdict(set)
-        )
+        # A device has one or two at a time: a list costs less than a set or a dict per device.
+        self._observations: dict[str, list[_DeviceObservation]] = {}
 
-    def add(self, device_id: str, document: Document, observation: Any) -> Callable[[], None]:
-        """Register `observation`; returns the function that removes it again."""
-        self._observations[device_id][document].add(observation)
+    async def observe(
+        self, pipe: Pipe, renderer: Renderer, device_id: str, document: Document
+    ) -> None:
+        """Serve the Observe: 0 request of `pipe` as an observation of `device_id`'s
+        `document`: send its first answer rendered by `renderer`, and notifications rendered
+        the same way on every change until one side ends it. Call it from the resource's
+        `render_to_pipe` and return when it does."""
+        observation = _DeviceObservation(pipe, renderer, self, device_id, document)
+        # Registered before the first render, so a change made during it is not missed.
+        self._observations.setdefault(device_id, []).append(observation)
+        await observation.serve()
 
-        def remove() -> None:
-            documents = self._observations.get(device_id)
-            if documents is None:
-                return
-            documents[document].discard(observation)
-            if not documents[document]:
-                del documents[document]
-            if not documents:
-                del self._observations[device_id]
-
-        return remove
+    def discard(self, observation: _DeviceObservation) -> None:
+        """Forget `observation` (it has ended)."""
+        held = self._observations.get(observation.device_id, [])
+        if observation in held:
+            held.remove(observation)
+            if not held:
+                del self._observations[observation.device_id]
 
     def notify(self, device_id: str, documents: frozenset[Document] = frozenset(Document)) -> int:
         """Have the observers of `documents` of one device re-render; returns how many."""
         held = self._observations.get(device_id)
         if not held:
             return 0
-        triggered = 0
-        for document in documents:
-            for observation in list(held.get(document, ())):
-                observation.trigger()
-                triggered += 1
-        return triggered
+        affected = [o for o in held if o.document in documents]
+        for observation in affected:
+            observation.trigger()
+        return len(affected)
 
     def notify_all(self) -> None:
         """Re-render every observation (after changes may have been missed)."""
@@ -83,7 +107,7 @@ class DeviceObservers:
             self.notify(device_id)
 
     def __len__(self) -> int:
-        return sum(len(obs) for docs in self._observations.values() for obs in docs.values())
+        return sum(len(held) for held in self._observations.values())
 
 
 async def push_changes_forever(notifier: FeedNotifier, observers: DeviceObservers) -> None:

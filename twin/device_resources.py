@@ -26,10 +26,10 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiocoap
-import aiocoap.interfaces
 import aiocoap.resource
 from aiocoap.numbers import ContentFormat
 from aiocoap.numbers.codes import Code
+from aiocoap.pipe import Pipe
 
 from provisioning.device_certificates import DeviceIdentity, identify_device
 from twin.access import device_principal
@@ -143,8 +143,10 @@ class ReportedState(BoundedResource):
     render_patch = render_post
 
 
-class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):  # type: ignore[misc]
-    """A view of the device's twin that devices may observe."""
+class _ObservedDocument(BoundedResource):
+    """A view of the device's twin that devices may observe. An observation is served by
+    `DeviceObservers` straight from the request's pipe (no task per observer, see
+    pipe_observations.py), not by aiocoap's ObservableResource."""
 
     ct = f"{JSON} {CBOR}"
     document: Document
@@ -154,23 +156,29 @@ class _ObservedDocument(BoundedResource, aiocoap.interfaces.ObservableResource):
         super().__init__(max_body_bytes=0)
         self.side = side
 
-    async def add_observation(self, request: aiocoap.Message, observation: Any) -> None:
-        """Register the observation under the requesting device (if it is one)."""
+    async def render_to_pipe(self, pipe: Pipe) -> None:
+        """A GET with Observe: 0 from a device registers an observation; anything else is
+        answered once."""
+        request = pipe.request
+        if request.opt.observe != 0 or request.code != Code.GET:
+            await super().render_to_pipe(pipe)
+            return
         try:
+            # The registering request is the device's own: a sign of life.
             identity = await self.side.device(request)
         except Exception:
-            # The render refuses the request, which ends the observation; aiocoap still
-            # wants it accepted so that it can be cancelled.
-            observation.accept(lambda: None)
+            # Not a device of ours: the render refuses it, and nothing is registered.
+            pipe.add_response(await self.render(request), is_last=True)
             return
-        observation.accept(self.side.observers.add(identity.device_id, self.document, observation))
+        await self.side.observers.observe(pipe, self, identity.device_id, self.document)
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         """The current document, or 2.03 Valid if the request's ETag still matches."""
         content_format = negotiate_accept(request, JSON, CBOR)
-        # A notification re-renders the registering request (Observe: 0), which was counted
-        # as a sign of life in add_observation: pushing to a device is not hearing from it.
-        identity = await self.side.device(request, seen=request.opt.observe is None)
+        # The first answer and the notifications of an observation render its registering
+        # request (Observe: 0), which render_to_pipe counted as a sign of life: pushing to a
+        # device is not hearing from it.
+        identity = await self.side.device(request, seen=request.opt.observe != 0)
         twin = await get_twin(identity.device_id, device_principal(identity.device_id))
         return _answer(type(self).view(twin), request, content_format, self.etag(twin))
 
