@@ -35,12 +35,16 @@ client that presents a client certificate, which aiocoap's credentials map canno
 Memory per connected, observing device (bench/connections.py, 1,000 devices, OpenSSL 3.0,
 P-256 device certificates): aiocoap's own TLS transport 308 KiB (asyncio's TLS protocol with
 its fixed 256 KiB read buffer, two OpenSSL memory BIOs, the peer certificate parsed into a
-dict); ours ~42 KiB, with connections as `twin.tls_stream.TlsStream`s (one small object over
-an `ssl.SSLSocket`, one read buffer per listener, no timer per connection). Of those ~42 KiB,
-~11 KiB are Python objects (~9 KiB of them aiocoap's observation machinery: pipes, messages, a
-task) and ~30 KiB OpenSSL's per-connection state, which the `ssl` module cannot trim: the SSL
-object (~9 KiB), its parsed copy of the device certificate (~15 KiB), cipher contexts. TLS
-session-ticket settings make no difference to it. `max_connections` bounds the total.
+dict); ours ~29 KiB for a device that sends only its own certificate, ~39 KiB for one that
+sends its whole chain (the server keeps every certificate it receives parsed, ~5 KiB each, so
+device firmware should present only its own; `client_ssl_context` sees to that for our
+clients). Connections are `twin.tls_stream.TlsStream`s (one small object over an
+`ssl.SSLSocket`, one read buffer per listener, no timer per connection) and observations
+`twin.pipe_observations.PipeObservation`s (no task per observer). Of the ~29 KiB, ~9 KiB are
+Python objects (mostly aiocoap's per-request pipes and messages) and ~20 KiB OpenSSL's
+per-connection state, which the `ssl` module cannot trim: the SSL object (~8.5 KiB), the
+parsed device certificate (~5 KiB), cipher contexts. TLS session-ticket settings make no
+difference to it. `max_connections` bounds the total.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ import aiocoap.util
 from aiocoap.numbers.codes import RELEASE
 from aiocoap.transports.tcp import TcpConnection
 from aiocoap.transports.tls import TLSServer
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from twin.tls_stream import TlsStream, shared_read_buffer
 
@@ -141,6 +147,12 @@ def client_ssl_context(
         trust = trust_pem.decode("ascii")
     except UnicodeDecodeError as exc:
         raise ValueError("trusted certificates must be PEM (ASCII)") from exc
+    if cert_pem is not None:
+        # OpenSSL completes a client's chain from its trust store and sends it all; the server
+        # then keeps every certificate parsed for the life of the connection (~5 KiB each).
+        # Trusting only the roots leaves nothing to complete it with, so the device sends just
+        # its own certificate (the server sends its intermediate, so the roots suffice).
+        trust = _roots(trust_pem) or trust
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=trust)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols([ALPN_COAP])
@@ -149,6 +161,19 @@ def client_ssl_context(
         with _private_file(cert_pem.rstrip(b"\n") + b"\n" + key_pem) as path:
             context.load_cert_chain(path, password=_refuse_encrypted_key)
     return context
+
+
+def _roots(pem: bytes) -> str:
+    """The self-signed certificates among `pem`'s, as PEM ("" if there are none)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return ""
+    return "".join(
+        c.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        for c in certificates
+        if c.issuer == c.subject
+    )
 
 
 async def device_client_context(ssl_context: ssl.SSLContext) -> aiocoap.Context:

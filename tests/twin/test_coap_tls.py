@@ -693,3 +693,22 @@ async def test_messages_beyond_the_announced_size_end_the_connection(
         raw.writer.write(bytes([15 << 4, 0x02]) + (length - 65805).to_bytes(4, "big"))
         codes = await read_to_eof(raw, 3)
         assert codes == [0xE5]  # 7.05 Abort
+
+
+async def test_a_device_trusting_the_whole_fleet_chain_sends_only_its_own_certificate(
+    serve: Serve, pki: Pki
+) -> None:
+    # Trusting the issuing CA too would let OpenSSL complete (and send) the device's chain,
+    # which the server would keep parsed per connection; only the root stays an anchor.
+    whole_chain = pki.trust + pem(pki.fleet.issuing_cert)
+    device = pem(pki.device.cert)
+    presenting = client_ssl_context(whole_chain, cert_pem=device, key_pem=key_pem(pki.device.key))
+    assert len(presenting.get_ca_certs()) == 1
+    assert len(client_ssl_context(whole_chain).get_ca_certs()) == 2
+    served = await serve()
+    client = await device_client_context(presenting)
+    try:
+        response = await get(client, served.coaps + "/who")
+    finally:
+        await client.shutdown()
+    assert response.payload.decode() == f"127.0.0.1 {pki.device.fingerprint}"
