@@ -20,9 +20,9 @@ run: $(STAMP)
 	$(BIN)/citytwin serve
 
 ## Lint, type-check and run the whole test suite (PostgreSQL too when CITYTWIN_TEST_PG is set).
-# Two workers: most tests wait on server processes, so the suite takes ~4 instead of ~7 min.
+# Four workers on two cores: most tests wait on server processes and campaign timers, not CPU.
 test: lint interop-tools
-	$(BIN)/pytest -q -n 2
+	$(BIN)/pytest -q -n 4
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

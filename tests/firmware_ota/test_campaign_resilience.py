@@ -193,7 +193,7 @@ async def test_a_server_killed_mid_rollout_resumes_where_it_was(
             "kind=lamp",
             waves=[f.Wave(device_count=2, min_finished=2), f.Wave(percent=100)],
             rate_limits=f.RateLimits(max_concurrent=2),
-            device_timeout_seconds=5,
+            device_timeout_seconds=60,
             retry_backoff_seconds=1,
         )
         await until(site.api, started.name, lambda c: c.counts.succeeded >= 3)
