@@ -20,9 +20,9 @@ run: $(STAMP)
 	$(BIN)/citytwin serve
 
 ## Lint, type-check and run the whole test suite (PostgreSQL too when CITYTWIN_TEST_PG is set).
-# Four workers on two cores: most tests wait on server processes and campaign timers, not CPU.
+# Two workers: most tests wait on server processes (four are slower on two cores).
 test: lint interop-tools
-	$(BIN)/pytest -q -n 4
+	$(BIN)/pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
