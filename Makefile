@@ -75,6 +75,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/device_reports.py
 	$(BIN)/python bench/desired_push.py
 	$(BIN)/python bench/connections.py
+	$(BIN)/python bench/ota.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
