@@ -21,11 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tortoise.exceptions import IntegrityError
 
 from firmware_ota.models import ManifestSigningKey
-from firmware_ota.suit_manifests import ManifestContent, build_envelope, class_id, vendor_id
+from firmware_ota.suit_manifests import (
+    CITYTWIN_VENDOR_DOMAIN,
+    ManifestContent,
+    build_envelope,
+    class_id,
+    vendor_id,
+)
 from provisioning.certificate_authority import decrypt_private_key, encrypt_private_key
 
-# The vendor id's domain (draft-ietf-suit-manifest: UUIDv5 of the vendor's domain name).
-VENDOR_DOMAIN: Final = "citytwin.example"
 _ROW: Final = 1
 
 
@@ -74,7 +78,7 @@ class ManifestSigner:
         """The base64 SUIT envelope for one campaign's image on one device model."""
         cache_key = (campaign_id, model, sha256)
         if cache_key not in self._issued:
-            vendor = vendor_id(VENDOR_DOMAIN)
+            vendor = vendor_id(CITYTWIN_VENDOR_DOMAIN)
             content = ManifestContent(
                 vendor_id=vendor,
                 class_id=class_id(vendor, model),

@@ -78,6 +78,9 @@ VerifyingKey: TypeAlias = Ed25519PublicKey | ec.EllipticCurvePublicKey
 # Bounds on what is read. An envelope of this profile is a few hundred bytes; the limits leave
 # room for long URIs and component names and keep hostile input cheap to refuse.
 MAX_ENVELOPE_BYTES: Final = 16 * 1024
+# The vendor citytwin's manifests are made out to (its vendor id is the UUIDv5 of this domain);
+# devices compare it with their own.
+CITYTWIN_VENDOR_DOMAIN: Final = "citytwin.example"
 MAX_URI_LENGTH: Final = 1024
 MAX_COMPONENT_SEGMENTS: Final = 8
 MAX_COMPONENT_SEGMENT_BYTES: Final = 64

@@ -21,6 +21,7 @@ from aiocoap.optiontypes import BlockOption
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from firmware_ota.suit_manifests import (
+    CITYTWIN_VENDOR_DOMAIN,
     ManifestContent,
     build_envelope,
     class_id,
@@ -33,7 +34,6 @@ from twin.cli.main import build_parser
 from twin.simulator.devices import (
     MODELS,
     STORAGE_BYTES,
-    VENDOR_DOMAIN,
     Behaviour,
     ConnectionLost,
     FetchRefused,
@@ -293,7 +293,7 @@ def test_mcuboot_images_say_what_they_run_and_may_not_go_back(tmp_path: Path) ->
 
 def test_a_manifest_must_be_for_this_device_this_image_and_newer() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    vendor = vendor_id(VENDOR_DOMAIN)
+    vendor = vendor_id(CITYTWIN_VENDOR_DOMAIN)
     lamp_class = class_id(vendor, MODELS[Kind.LAMP])
     content = ManifestContent(
         vendor_id=vendor,

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import AttributeOID, NameOID
 
 from firmware_ota.suit_manifests import (
+    CITYTWIN_VENDOR_DOMAIN,
     ManifestContent,
     VerifyingKey,
     class_id,
@@ -109,9 +110,6 @@ EST_CRTS: Final = "/.well-known/est/crts"
 EST_SEN: Final = "/.well-known/est/sen"
 # The service's key for SUIT manifests (PEM SubjectPublicKeyInfo).
 MANIFEST_KEY_PATH: Final = "/fw/manifest-key"
-# The maker the simulated devices are, in SUIT's terms a UUIDv5 of its domain: the one the
-# service's manifests are made out to (firmware_ota.manifest_signing).
-VENDOR_DOMAIN: Final = "citytwin.example"
 COAP_PORT: Final = 5683
 COAPS_PORT: Final = 5684
 
@@ -767,7 +765,7 @@ class SimulatedDevice:
         self._image = bytearray()
         # Fetched once per connection, when a job first comes with a manifest.
         self._manifest_key: VerifyingKey | None = None
-        self._vendor = vendor_id(VENDOR_DOMAIN)
+        self._vendor = vendor_id(CITYTWIN_VENDOR_DOMAIN)
         self._class = class_id(self._vendor, MODELS[kind])
         # The last state the service committed; what differs from it is the next report.
         self._committed: Document = {}
