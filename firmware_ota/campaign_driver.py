@@ -71,7 +71,7 @@ from twin.merge_patch import Document
 from twin.models import Device, Twin
 from twin.registry import LifecycleState
 from twin.selectors import parse_selector
-from twin.twin_store import update_document
+from twin.twin_store import update_desired
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +328,8 @@ class CampaignDriver:
             await _move(conn, row, **changes)
 
         try:
-            await update_document(
+            await update_desired(
                 row.device_id,
-                "desired",
                 patch,
                 expected_version=0,
                 principal=_SYSTEM,

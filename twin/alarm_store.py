@@ -4,7 +4,7 @@ change is an ALARM_* entry in the change feed, which is what WatchAlarms streams
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -106,6 +106,19 @@ def _entry(subject: Subject, change: ChangeType, row: Alarm) -> NewEntry:
     return NewEntry(subject, change, patch=_view(row).to_json())
 
 
+async def active_alarms(
+    conn: BaseDBAsyncClient, device_ids: Collection[str]
+) -> dict[str, dict[str, Alarm]]:
+    """The active alarms of `device_ids` by device and property, read in one query inside the
+    caller's transaction (every device has an entry, empty if it has no active alarm)."""
+    found: dict[str, dict[str, Alarm]] = {device_id: {} for device_id in device_ids}
+    if found:
+        rows = await Alarm.filter(device_id__in=list(found), active=True).using_db(conn)
+        for row in rows:
+            found[row.device_id][row.property] = row
+    return found
+
+
 async def apply_report(
     conn: BaseDBAsyncClient,
     profile: Profile,
@@ -113,16 +126,16 @@ async def apply_report(
     reported: Document,
     report: Document,
     now: datetime,
+    active: dict[str, Alarm],
 ) -> tuple[bool, list[NewEntry]]:
     """Raise, refresh and clear the device's alarms after a report, inside the report's
     transaction (which holds the twin's row lock, so reports of one device are serialised).
-    Returns whether any alarm changed, and the feed entries for the caller to append."""
+    `active` is the device's active alarms by property (see active_alarms), kept up to date
+    here for the next report of the same transaction. Returns whether any alarm changed, and
+    the feed entries for the caller to append."""
     entries: list[NewEntry] = []
     if not profile.fault_properties:
         return False, entries
-    active = {
-        a.property: a for a in await Alarm.filter(device_id=subject.id, active=True).using_db(conn)
-    }
     changes = fault_changes(profile, reported, report, active)
     for path in changes.raised:
         spec = profile.spec(path)
@@ -135,13 +148,14 @@ async def apply_report(
             first_seen_at=now,
             last_seen_at=now,
         )
+        active[path] = row
         entries.append(_entry(subject, ChangeType.ALARM_RAISED, row))
     for path in changes.seen_again:
         row = active[path]
         row.last_seen_at = now
         await row.save(using_db=conn, update_fields=["last_seen_at"])
     for path in changes.cleared:
-        row = active[path]
+        row = active.pop(path)
         row.active, row.cleared_at = False, now
         await row.save(using_db=conn, update_fields=["active", "cleared_at"])
         entries.append(_entry(subject, ChangeType.ALARM_CLEARED, row))

@@ -49,18 +49,21 @@ from twin.dimming_schedule import parse_schedule, resolve_schedule
 from twin.errors import FailedPrecondition, InvalidArgument
 from twin.liveness_store import Liveness
 from twin.registry import get_device
+from twin.report_commits import Report, ReportCommitter
 from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
-from twin.telemetry_store import record_telemetry
-from twin.twin_store import TwinView, get_twin, update_document
+from twin.telemetry_store import telemetry_report
+from twin.twin_store import TwinView, get_twin
 
 
 @dataclass
 class DeviceSide:
-    """What the device resources share: the feed notifier, the observations, liveness."""
+    """What the device resources share: the feed notifier, the observations, liveness, and
+    the committer their reports queue up in."""
 
     notifier: FeedNotifier
     observers: DeviceObservers
     liveness: Liveness
+    reports: ReportCommitter
 
     async def device(self, request: aiocoap.Message, *, seen: bool = True) -> DeviceIdentity:
         """The device whose certificate the request's connection presented; `seen` records
@@ -128,13 +131,8 @@ class ReportedState(BoundedResource):
         content_format = require_content_format(request, JSON, CBOR)
         patch = decode_patch(request.payload, content_format)
         identity = await self.side.device(request)
-        twin = await update_document(
-            identity.device_id,
-            "reported",
-            patch,
-            expected_version=0,
-            principal=device_principal(identity.device_id),
-            notifier=self.side.notifier,
+        twin = await self.side.reports.commit(
+            Report(identity.device_id, patch, device_principal(identity.device_id))
         )
         response = aiocoap.Message(code=Code.CHANGED)
         response.opt.etag = twin.version.to_bytes(8, "big")
@@ -243,11 +241,8 @@ class Telemetry(BoundedResource):
         except SenmlError as bad:
             raise InvalidArgument(f"body is not valid SenML: {bad}") from None
         identity = await self.side.device(request)
-        twin = await record_telemetry(
-            identity.device_id,
-            measurements,
-            device_principal(identity.device_id),
-            self.side.notifier,
+        twin = await self.side.reports.commit(
+            telemetry_report(identity.device_id, measurements, device_principal(identity.device_id))
         )
         response = aiocoap.Message(code=Code.CHANGED)
         response.opt.etag = twin.version.to_bytes(8, "big")

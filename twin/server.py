@@ -58,6 +58,7 @@ from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
 from twin.liveness_store import Liveness
 from twin.reconciler import renotify_due
+from twin.report_commits import ReportCommitter
 from twin.settings import Settings
 from twin.telemetry_store import trim_telemetry
 
@@ -224,7 +225,10 @@ async def serve(settings: Settings) -> None:
         )
         observers = DeviceObservers()
         liveness = Liveness(notifier, settings.offline_tolerance)
-        side = DeviceSide(notifier, observers, liveness)
+        reports = ReportCommitter(notifier)
+        # Stopped after the CoAP side (so no report comes in), before the database closes.
+        running.push_async_callback(reports.close)
+        side = DeviceSide(notifier, observers, liveness, reports)
         site = build_coap_site(enroller, settings, side, public_key_pem(manifest_key))
         coap, tls = await start_coap(settings, site, ca)
         running.push_async_callback(coap.shutdown)

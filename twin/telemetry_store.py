@@ -9,24 +9,24 @@ property, or a value out of range, is refused whole and nothing is stored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.expressions import Q
 
 from twin.access import Principal
-from twin.change_feed import FeedNotifier
 from twin.energy import METER, DailyEnergy, Reading, energy_by_group, energy_per_device_day
 from twin.errors import InvalidArgument
+from twin.merge_patch import Document
+from twin.metadata import format_timestamp
 from twin.models import TelemetrySample
 from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
 from twin.registry import get_device, scan_devices
+from twin.report_commits import Report
 from twin.selectors import Selector
 from twin.senml import Measurement, SenmlError, latest_values, reported_patch
-from twin.twin_store import TwinView, update_document
 
 _MAX_TEXT = 256
 
@@ -55,16 +55,15 @@ def _row(device_id: str, measurement: Measurement) -> TelemetrySample:
     )
 
 
-async def record_telemetry(
-    device_id: str,
-    measurements: Sequence[Measurement],
-    principal: Principal,
-    notifier: FeedNotifier,
-) -> TwinView:
-    """Store a pack's samples and put each measurement's latest value into the reported
-    state, in one transaction."""
+def telemetry_report(
+    device_id: str, measurements: Sequence[Measurement], principal: Principal
+) -> Report:
+    """The report a SenML pack makes: each measurement's latest value into the reported
+    state, stamped with the time it was measured (so that a pack arriving after a newer one
+    leaves the newer values be), and every sample kept."""
     try:
-        patch = reported_patch(latest_values(measurements))
+        latest = latest_values(measurements)
+        patch = reported_patch(latest)
     except SenmlError as bad:
         raise InvalidArgument(str(bad)) from None
     for measurement in measurements:
@@ -72,20 +71,27 @@ async def record_telemetry(
             raise InvalidArgument(
                 f"measurement {measurement.name!r}: string values are at most {_MAX_TEXT} chars"
             )
-    rows = [_row(device_id, m) for m in measurements]
-
-    async def store_samples(conn: BaseDBAsyncClient) -> None:
-        await TelemetrySample.bulk_create(rows, using_db=conn)
-
-    return await update_document(
+    return Report(
         device_id,
-        "reported",
         patch,
-        expected_version=0,
-        principal=principal,
-        notifier=notifier,
-        also=store_samples,
+        principal,
+        samples=[_row(device_id, m) for m in measurements],
+        measured_at=_measured_at(latest),
     )
+
+
+def _measured_at(latest: Mapping[str, Measurement]) -> Document:
+    # Mirrors reported_patch's nesting, which has checked the names already.
+    times: Document = {}
+    for name, measurement in latest.items():
+        *parents, leaf = name.split(".")
+        node = times
+        for part in parents:
+            child = node.setdefault(part, {})
+            assert isinstance(child, dict)
+            node = child
+        node[leaf] = format_timestamp(measurement.time)
+    return times
 
 
 async def read_telemetry(

@@ -1,4 +1,5 @@
-"""Reading and writing twin documents: one device, a whole selection, and queries.
+"""Reading and writing twin documents: desired state for one device or a whole selection,
+and queries. (Device reports, which write the reported document, are report_commits.py.)
 
 A write validates the patch against the device's profile before any lock is taken, then in
 one transaction locks the twin row, checks `expected_version`, applies the patch, stamps the
@@ -18,7 +19,6 @@ from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.access import Principal
-from twin.alarm_store import apply_report
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.delta import compute_delta
 from twin.dimming_schedule import parse_schedule
@@ -34,17 +34,15 @@ from twin.metadata import format_timestamp, update_metadata
 from twin.models import Twin
 from twin.profile_store import get_profile
 from twin.profiles import validate_patch
-from twin.reconciliation import split_acknowledgement
 from twin.registry import (
     DeviceView,
     LifecycleState,
     get_device,
     page_of_devices,
     scan_devices,
-    set_lifecycle_state,
 )
 from twin.selectors import Selector
-from twin.sync_store import ack_to_json, updated_sync
+from twin.sync_store import updated_sync
 
 DocumentName = Literal["desired", "reported"]
 # A whole document may grow by many patches; bound it so one twin cannot eat the database.
@@ -93,8 +91,16 @@ async def get_twin(device_id: str, principal: Principal) -> TwinView:
     return view_of_twin(await Twin.get(device_id=device_id))
 
 
-def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Document:
-    """Apply `patch` to one document of `row` in memory; returns the effective patch."""
+def apply_to_row(
+    row: Twin,
+    which: DocumentName,
+    patch: Document,
+    now: datetime,
+    timestamps: Document | None = None,
+) -> Document:
+    """Apply `patch` to one document of `row` in memory, stamping its metadata with `now` (or
+    with `timestamps`, a document of times mirroring the patch); returns the effective patch.
+    PayloadTooLarge, with `row` untouched, if the document would outgrow its bound."""
     document: Document = getattr(row, which)
     applied = effective_patch(document, patch)
     if not applied:
@@ -110,7 +116,7 @@ def _apply(row: Twin, which: DocumentName, patch: Document, now: datetime) -> Do
     setattr(
         row,
         metadata_field,
-        update_metadata(getattr(row, metadata_field), applied, format_timestamp(now)),
+        update_metadata(getattr(row, metadata_field), applied, timestamps or format_timestamp(now)),
     )
     row.version += 1
     row.updated_at = now
@@ -142,13 +148,8 @@ def check_desired_semantics(patch: Document) -> None:
             raise InvalidArgument(str(bad)) from None
 
 
-def _change_type(which: DocumentName) -> ChangeType:
-    return ChangeType.DESIRED_UPDATED if which == "desired" else ChangeType.REPORTED_UPDATED
-
-
-async def update_document(
+async def update_desired(
     device_id: str,
-    which: DocumentName,
     patch: Document,
     *,
     expected_version: int,
@@ -157,20 +158,17 @@ async def update_document(
     also: Callable[[BaseDBAsyncClient], Awaitable[None]] | None = None,
     firmware_job: bool = False,
 ) -> TwinView:
-    """Apply a merge patch to one device's desired or reported document; `also` writes more
-    rows in the same transaction (such as the telemetry samples a report came with, or a
-    campaign's execution row). `firmware_job` marks a campaign writing desired.firmware."""
+    """Apply a merge patch to one device's desired document; `also` writes more rows in the
+    same transaction (such as a campaign's execution row). `firmware_job` marks a campaign
+    writing desired.firmware. (Reports, the reported document, go through report_commits.)"""
     device = await get_device(device_id, principal)
     if device.state == LifecycleState.DECOMMISSIONED:
         raise FailedPrecondition(f"device {device_id!r} is decommissioned; its twin is read-only")
-    # A report may answer a desired version (`$ack`); the rest is the reported patch.
-    patch, ack = split_acknowledgement(patch) if which == "reported" else (patch, None)
     profile = await get_profile(device.model)
-    validate_patch(profile, patch, document=which)
-    if which == "desired":
-        check_desired_semantics(
-            {k: v for k, v in patch.items() if k != FIRMWARE_JOB} if firmware_job else patch
-        )
+    validate_patch(profile, patch, document="desired")
+    check_desired_semantics(
+        {k: v for k, v in patch.items() if k != FIRMWARE_JOB} if firmware_job else patch
+    )
     async with in_transaction() as conn:
         row = await Twin.filter(device_id=device_id).using_db(conn).select_for_update().get()
         if expected_version and row.version != expected_version:
@@ -179,34 +177,24 @@ async def update_document(
                 f"not the expected {expected_version}"
             )
         now = datetime.now(UTC)
-        applied = _apply(row, which, patch, now)
+        applied = apply_to_row(row, "desired", patch, now)
         if also is not None:
             await also(conn)
-        # The first report makes the device ACTIVE, even one that changes nothing.
-        first_report = which == "reported" and device.state != LifecycleState.ACTIVE
-        if first_report:
-            await set_lifecycle_state(conn, device_id, LifecycleState.ACTIVE)
         entries: list[NewEntry] = []
         if applied:
-            entries.append(NewEntry(device.subject, _change_type(which), row.version, applied))
-        if ack is not None:
-            row.ack = ack_to_json(ack)
+            entries.append(
+                NewEntry(device.subject, ChangeType.DESIRED_UPDATED, row.version, applied)
+            )
         sync_changed, sync_entry = updated_sync(
-            row, device.subject, online=device.online, ack=ack, now=now
+            row, device.subject, online=device.online, ack=None, now=now
         )
         if sync_entry is not None:
             entries.append(sync_entry)
-        if applied or ack is not None or sync_changed:
+        if applied or sync_changed:
             await row.save(using_db=conn)
-        alarms_changed = False
-        if which == "reported":
-            alarms_changed, alarm_entries = await apply_report(
-                conn, profile, device.subject, row.reported, patch, now
-            )
-            entries.extend(alarm_entries)
         # Last, as change_feed.append wants: its ordering lock is then held only to commit.
         await change_feed.append(conn, entries)
-    if applied or first_report or sync_changed or alarms_changed:
+    if applied or sync_changed:
         notifier.wake()
     return view_of_twin(row)
 
@@ -260,7 +248,7 @@ async def _bulk_chunk(
     now = datetime.now(UTC)
     entries: list[NewEntry] = []
     for row in rows:
-        applied = _apply(row, "desired", patch, now)
+        applied = apply_to_row(row, "desired", patch, now)
         if applied:
             device = by_id[row.device_id]
             entries.append(

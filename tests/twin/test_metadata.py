@@ -11,7 +11,7 @@ import pytest
 
 from tests.twin.test_merge_patch import random_document
 from twin.merge_patch import JSON, Document, apply_merge_patch, effective_patch
-from twin.metadata import format_timestamp, update_metadata
+from twin.metadata import drop_superseded, format_timestamp, update_metadata
 
 T0 = "2026-11-23T10:00:00.000Z"
 T1 = "2026-11-23T11:00:00.000Z"
@@ -102,3 +102,44 @@ def test_metadata_mirrors_document_through_patch_sequences(seed: int) -> None:
         stamp = f"2026-11-23T10:00:{step:02d}.000Z"
         metadata = update_metadata(metadata, applied, stamp)
         assert _shape(metadata) == _shape(document)
+
+
+T2 = "2026-11-23T12:00:00.000Z"
+
+
+def test_leaves_can_carry_times_of_their_own() -> None:
+    metadata = {"noise_db": T0, "energy": {"total_wh": T0, "power_w": T0}}
+    applied = {"noise_db": 50, "energy": {"total_wh": 7}}
+    times = {"noise_db": T1, "energy": {"total_wh": T2}}
+    assert update_metadata(metadata, applied, times) == {
+        "noise_db": T1,
+        "energy": {"total_wh": T2, "power_w": T0},
+    }
+    with pytest.raises(ValueError, match="leaf"):
+        update_metadata({}, {"noise_db": 50}, {"noise_db": {"nested": T1}})
+
+
+@pytest.mark.parametrize(
+    ("patch", "times", "metadata", "expected"),
+    [
+        # Newer than what is stored, or nothing stored: taken.
+        ({"a": 1}, {"a": T2}, {"a": T1}, {"a": 1}),
+        ({"a": 1}, {"a": T1}, {}, {"a": 1}),
+        # Same time: taken (the later arrival of two equally new values wins, as in a pack).
+        ({"a": 1}, {"a": T1}, {"a": T1}, {"a": 1}),
+        # Older than what is stored: dropped.
+        ({"a": 1, "b": 2}, {"a": T0, "b": T2}, {"a": T1, "b": T1}, {"b": 2}),
+        # Nested: an object emptied by that is dropped whole, not sent as {}.
+        ({"e": {"wh": 5}}, {"e": {"wh": T0}}, {"e": {"wh": T1}}, {}),
+        ({"e": {"wh": 5, "w": 1}}, {"e": {"wh": T0, "w": T2}}, {"e": {"wh": T1}}, {"e": {"w": 1}}),
+        # Stored as an object where the patch has a leaf (or the reverse): taken.
+        ({"e": 5}, {"e": T0}, {"e": {"wh": T1}}, {"e": 5}),
+        ({"e": {"wh": 5}}, {"e": {"wh": T0}}, {"e": T1}, {"e": {"wh": 5}}),
+    ],
+)
+def test_drop_superseded(
+    patch: Document, times: Document, metadata: Document, expected: Document
+) -> None:
+    before = copy.deepcopy(patch)
+    assert drop_superseded(patch, times, metadata) == expected
+    assert patch == before

@@ -19,6 +19,7 @@ from twin.grpc_api.convert import (
     twin_to_proto,
 )
 from twin.grpc_api.interceptor import current_principal
+from twin.report_commits import Report, commit_report
 from twin.selectors import parse_selector
 from twin.telemetry_store import read_telemetry, summarize_energy
 
@@ -36,27 +37,25 @@ class TwinServicer(twins_pb2_grpc.TwinServiceServicer):
     async def UpdateDesired(
         self, request: twins_pb2.UpdateDesiredRequest, context: Any
     ) -> twins_pb2.Twin:
-        return await self._update(request, "desired")
-
-    async def UpdateReported(
-        self, request: twins_pb2.UpdateReportedRequest, context: Any
-    ) -> twins_pb2.Twin:
-        return await self._update(request, "reported")
-
-    async def _update(
-        self,
-        request: twins_pb2.UpdateDesiredRequest | twins_pb2.UpdateReportedRequest,
-        which: twin_store.DocumentName,
-    ) -> twins_pb2.Twin:
-        view = await twin_store.update_document(
+        view = await twin_store.update_desired(
             device_id_from_name(request.name),
-            which,
             patch_from_struct(request.patch),
             expected_version=request.expected_version,
             principal=current_principal(),
             notifier=self._notifier,
         )
         return twin_to_proto(view)
+
+    async def UpdateReported(
+        self, request: twins_pb2.UpdateReportedRequest, context: Any
+    ) -> twins_pb2.Twin:
+        report = Report(
+            device_id_from_name(request.name),
+            patch_from_struct(request.patch),
+            current_principal(),
+            expected_version=request.expected_version,
+        )
+        return twin_to_proto(await commit_report(report, self._notifier))
 
     async def BulkUpdateDesired(
         self, request: twins_pb2.BulkUpdateDesiredRequest, context: Any

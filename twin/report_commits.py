@@ -1,0 +1,293 @@
+"""Committing device reports: the reported state, acknowledgements, telemetry samples, sync
+status and alarms they change, many reports per transaction.
+
+A lamp's report is small and the work around it is mostly fixed cost: a transaction, a row
+lock, an UPDATE, the change-feed insert, a commit, each a round trip to the database (to
+aiosqlite's thread on SQLite). A fleet reporting at once pays that cost per report, so the
+device side hands its reports to one `ReportCommitter` per process, which commits whatever
+has queued up while the previous group was committing in one transaction ("group commit"):
+one read of the devices, one locking read of their twins, one read of their active alarms,
+one feed insert and one commit for the whole group. A report still waits for its commit
+before the device gets its 2.04, and reports of one device are applied in arrival order.
+
+Every report in a group succeeds or fails on its own: what can be refused (an unknown or
+decommissioned device, a profile violation, a bad `$ack`, a stale `expected_version`, a
+document outgrowing its bound) is found before anything of that report is written. Should
+the transaction itself fail, each report of the group is committed again on its own, so one
+report that trips the database cannot take the others with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.transactions import in_transaction
+
+from twin import change_feed
+from twin.access import Principal
+from twin.alarm_store import active_alarms, apply_report
+from twin.change_feed import ChangeType, FeedNotifier, NewEntry
+from twin.errors import CitytwinError, FailedPrecondition, NotFound, VersionConflict
+from twin.merge_patch import Document
+from twin.metadata import drop_superseded
+from twin.models import Alarm, Device, TelemetrySample, Twin
+from twin.profile_store import get_profile
+from twin.profiles import Profile, validate_patch
+from twin.reconciliation import Acknowledgement, split_acknowledgement
+from twin.registry import DeviceView, LifecycleState, set_lifecycle_state, view_of
+from twin.sync_store import ack_to_json, updated_sync
+from twin.twin_store import TwinView, apply_to_row, view_of_twin
+
+# Reports per transaction at most: enough to amortise the fixed cost, few enough that the
+# row locks of one group are not held for long.
+MAX_GROUP = 100
+
+
+@dataclass(frozen=True)
+class Report:
+    """One report of one device: a merge patch of its reported state, perhaps with an `$ack`
+    of a desired version; telemetry adds the samples to keep and the time each value was
+    measured (then a value older than the one stored is not applied, see metadata.py)."""
+
+    device_id: str
+    patch: Document
+    principal: Principal
+    expected_version: int = 0
+    samples: Sequence[TelemetrySample] = ()
+    measured_at: Document | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A report that passed every check that needs no lock."""
+
+    index: int
+    report: Report
+    device: DeviceView
+    profile: Profile
+    patch: Document
+    ack: Acknowledgement | None
+
+
+Outcome = TwinView | Exception
+
+
+async def commit_reports(reports: Sequence[Report], notifier: FeedNotifier) -> list[Outcome]:
+    """Commit `reports` in one transaction; for each, in order, the twin right after it was
+    applied, or the CitytwinError that refused it. A database failure raises (nothing of
+    the group is stored then)."""
+    outcomes: list[Outcome | None] = [None] * len(reports)
+    ids = sorted({report.device_id for report in reports})
+    devices = {row.id: view_of(row) for row in await Device.filter(id__in=ids)}
+    checked: list[_Checked] = []
+    for index, report in enumerate(reports):
+        try:
+            checked.append(await _check(index, report, devices.get(report.device_id)))
+        except CitytwinError as refused:
+            outcomes[index] = refused
+    changed = False
+    if checked:
+        async with in_transaction() as conn:
+            changed = await _write(conn, checked, outcomes)
+    if changed:
+        notifier.wake()
+    assert all(outcome is not None for outcome in outcomes)
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def commit_report(report: Report, notifier: FeedNotifier) -> TwinView:
+    """Commit one report on its own; raises what refused it."""
+    (outcome,) = await commit_reports([report], notifier)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+async def _check(index: int, report: Report, device: DeviceView | None) -> _Checked:
+    if device is None:
+        raise NotFound(f"device {report.device_id!r} does not exist")
+    report.principal.require_device(device.subject)
+    if device.state == LifecycleState.DECOMMISSIONED:
+        raise FailedPrecondition(f"device {device.id!r} is decommissioned; its twin is read-only")
+    # A report may answer a desired version (`$ack`); the rest is the reported patch.
+    patch, ack = split_acknowledgement(report.patch)
+    profile = await get_profile(device.model)
+    validate_patch(profile, patch, document="reported")
+    return _Checked(index, report, device, profile, patch, ack)
+
+
+@dataclass
+class _Group:
+    """What the reports of one transaction add up to, written once at its end."""
+
+    dirty: dict[str, Twin] = field(default_factory=dict)
+    samples: list[TelemetrySample] = field(default_factory=list)
+    entries: list[NewEntry] = field(default_factory=list)
+    activated: set[str] = field(default_factory=set)
+    alarms_changed: bool = False
+
+
+async def _write(
+    conn: BaseDBAsyncClient, checked: Sequence[_Checked], outcomes: list[Outcome | None]
+) -> bool:
+    ids = sorted({item.device.id for item in checked})
+    # In device id order, as bulk desired updates lock them: two groups cannot deadlock.
+    rows = {
+        row.device_id: row
+        for row in await Twin.filter(device_id__in=ids)
+        .using_db(conn)
+        .select_for_update()
+        .order_by("device_id")
+    }
+    alarms = await active_alarms(
+        conn, sorted({item.device.id for item in checked if item.profile.fault_properties})
+    )
+    group = _Group()
+    now = datetime.now(UTC)
+    for item in checked:
+        row = rows[item.device.id]
+        try:
+            outcomes[item.index] = await _apply(conn, item, row, alarms, group, now)
+        except CitytwinError as refused:
+            outcomes[item.index] = refused
+    for row in group.dirty.values():
+        await row.save(using_db=conn)
+    if group.samples:
+        await TelemetrySample.bulk_create(group.samples, using_db=conn)
+    # Last, as change_feed.append wants: its ordering lock is then held only to commit.
+    await change_feed.append(conn, group.entries)
+    return bool(group.dirty or group.activated or group.alarms_changed)
+
+
+async def _apply(
+    conn: BaseDBAsyncClient,
+    item: _Checked,
+    row: Twin,
+    alarms: dict[str, dict[str, Alarm]],
+    group: _Group,
+    now: datetime,
+) -> TwinView:
+    """One report onto its (locked) twin row, in memory but for alarms and the lifecycle."""
+    report, device = item.report, item.device
+    if report.expected_version and row.version != report.expected_version:
+        raise VersionConflict(
+            f"twin of {device.id!r} is at version {row.version}, "
+            f"not the expected {report.expected_version}"
+        )
+    patch, times = item.patch, report.measured_at
+    if times is not None:
+        patch = drop_superseded(patch, times, row.reported_metadata)
+    applied = apply_to_row(row, "reported", patch, now, times)
+    group.samples.extend(report.samples)
+    # The first report makes the device ACTIVE, even one that changes nothing.
+    if device.state != LifecycleState.ACTIVE and device.id not in group.activated:
+        group.activated.add(device.id)
+        await set_lifecycle_state(conn, device.id, LifecycleState.ACTIVE)
+    if applied:
+        group.entries.append(
+            NewEntry(device.subject, ChangeType.REPORTED_UPDATED, row.version, applied)
+        )
+    if item.ack is not None:
+        row.ack = ack_to_json(item.ack)
+    sync_changed, sync_entry = updated_sync(
+        row, device.subject, online=device.online, ack=item.ack, now=now
+    )
+    if sync_entry is not None:
+        group.entries.append(sync_entry)
+    if applied or item.ack is not None or sync_changed:
+        group.dirty[device.id] = row
+    if device.id in alarms:
+        changed, entries = await apply_report(
+            conn, item.profile, device.subject, row.reported, item.patch, now, alarms[device.id]
+        )
+        group.alarms_changed |= changed
+        group.entries.extend(entries)
+    return view_of_twin(row)
+
+
+# How a group is committed: commit_reports, or a stand-in in tests of the queueing.
+CommitGroup = Callable[[Sequence[Report], FeedNotifier], Awaitable[list[Outcome]]]
+
+
+class ReportCommitter:
+    """Queues the reports of this process and commits them in groups (see the module
+    docstring): one group at a time, made of whatever arrived while the previous one was
+    committing, so a lone report is committed at once and a busy fleet shares commits."""
+
+    def __init__(
+        self,
+        notifier: FeedNotifier,
+        *,
+        max_group: int = MAX_GROUP,
+        commit_group: CommitGroup = commit_reports,
+    ) -> None:
+        self.notifier = notifier
+        self.max_group = max_group
+        self._commit_group = commit_group
+        self._queue: list[tuple[Report, asyncio.Future[TwinView]]] = []
+        self._committing: list[tuple[Report, asyncio.Future[TwinView]]] = []
+        self._worker: asyncio.Task[None] | None = None
+
+    async def commit(self, report: Report) -> TwinView:
+        """Commit `report` (with others queued alongside); raises what refused it."""
+        future: asyncio.Future[TwinView] = asyncio.get_running_loop().create_future()
+        self._queue.append((report, future))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain(), name="report commits")
+            self._worker.add_done_callback(self._abandon)
+        # A caller that goes away (its device disconnected) leaves the report queued: it is
+        # committed all the same, as a report that had reached the server should be.
+        return await asyncio.shield(future)
+
+    async def close(self) -> None:
+        """Wait until every queued report has been committed."""
+        if self._worker is not None:
+            await self._worker
+
+    async def _drain(self) -> None:
+        while self._queue:
+            self._committing = self._queue[: self.max_group]
+            del self._queue[: self.max_group]
+            outcomes = await self._commit([report for report, _ in self._committing])
+            for (_, future), outcome in zip(self._committing, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            self._committing = []
+
+    def _abandon(self, worker: asyncio.Task[None]) -> None:
+        """If the worker ended early (cancelled as the server stops, perhaps before it even
+        ran; or a bug), nobody may be left waiting for ever."""
+        error = None if worker.cancelled() else worker.exception()
+        if error is None and not worker.cancelled():
+            return
+        for _, future in [*self._committing, *self._queue]:
+            if future.done():
+                continue
+            if error is None:
+                future.cancel()
+            else:
+                future.set_exception(error)
+        self._committing = []
+        self._queue.clear()
+
+    async def _commit(self, reports: list[Report]) -> list[Outcome]:
+        try:
+            return await self._commit_group(reports, self.notifier)
+        except Exception as error:
+            if len(reports) == 1:
+                return [error]
+        # The group's transaction failed: find the report that trips it by committing
+        # each on its own.
+        outcomes: list[Outcome] = []
+        for report in reports:
+            try:
+                outcomes.extend(await self._commit_group([report], self.notifier))
+            except Exception as error:
+                outcomes.append(error)
+        return outcomes
