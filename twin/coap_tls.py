@@ -5,10 +5,11 @@ This is the only module that touches aiocoap's private TLS internals: it subclas
 their private attributes (`_transport`, `_spool`, `_pool`, `_tokenmanager`, `_ctx`,
 `_local_hostinfo`, `_remote_hostinfo`), calls `_send_message` and `release`, hands
 `TcpConnection.connection_made` a `TlsStream` in place of an asyncio transport, replaces
-`TCPServer.shutdown`, and registers the transport with `Context._append_tokenmanaged_transport`.
-None of that is a stable API, which is why pyproject.toml pins aiocoap to 0.4.17; an upgrade
-must re-check this module, and tests/twin/test_coap_tls.py exercises every hook. Everything
-else uses the functions here.
+`TCPServer.shutdown` and `_TCPPooling._dispatch_incoming`/`_dispatch_error` (reading the token
+manager's `incoming_requests` and `outgoing_requests`), and registers the transport with
+`Context._append_tokenmanaged_transport`. None of that is a stable API, which is why
+pyproject.toml pins aiocoap to 0.4.17; an upgrade must re-check this module, and
+tests/twin/test_coap_tls.py exercises every hook. Everything else uses the functions here.
 
 What it adds to aiocoap's own `tlsserver` transport:
 
@@ -18,6 +19,14 @@ What it adds to aiocoap's own `tlsserver` transport:
   listen on IPv6 only.
 * A connection cap. Connections are accepted here, so one beyond `max_connections` is closed
   before any TLS work.
+* A handshake cap: at most `max_handshakes` TLS handshakes run at once, the rest wait in the
+  listen backlog. Thousands of devices reconnecting at once (a restart, a district's network
+  coming back) then get through in arrival order at the server's full rate, instead of all
+  advancing together until every handshake has outlived its timeout (bench/reconnects.py).
+* Losing a connection ends that connection's requests (its observations) without walking every
+  request of the server, as aiocoap 0.4.17 does (see `_TlsServer._dispatch_error`): a mass
+  disconnect costs O(N), not O(N^2).
+* One TLS 1.3 session ticket per handshake instead of OpenSSL's two (`server_ssl_context`).
 * An idle timeout: a connection that completes no CoAP message (a Ping counts) for
   `idle_timeout` seconds gets a Release and is closed, at the latest a quarter of
   `idle_timeout` later (one sweep over all connections finds them). Devices that only wait for
@@ -51,16 +60,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import ssl
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiocoap
+import aiocoap.error
 import aiocoap.util
 from aiocoap.numbers.codes import RELEASE
 from aiocoap.transports.tcp import TcpConnection
@@ -75,6 +86,17 @@ log = logging.getLogger(__name__)
 ALPN_COAP = "coap"  # RFC 8323 section 4.1
 # A client that has not finished its handshake by then is holding a connection slot for nothing.
 MAX_HANDSHAKE_SECONDS = 10.0
+# TLS handshakes in progress at once; further connections wait in the kernel's listen backlog
+# until one finishes. When thousands of devices reconnect at once (a restart, a district's
+# network coming back), handshakes all admitted together advance in lockstep on the one event
+# loop and finish together: at ~2.5 ms of server CPU each, 4,000 take longer than
+# MAX_HANDSHAKE_SECONDS, so every one of them timed out and the devices retried, for ever.
+# Admitted a bounded number at a time they finish in arrival order at the server's full rate.
+# The bound is what keeps that rate up over slow links: a handshake holds its slot for at
+# least a round trip (256 at a 1 s RTT: 256 handshakes/s, the server's rate on one core).
+MAX_CONCURRENT_HANDSHAKES = 256
+# TLS 1.3 session tickets sent after a full handshake (see server_ssl_context).
+SESSION_TICKETS = 1
 # Waiting for a peer's close_notify; an idle peer may well be gone for good.
 _TLS_CLOSE_SECONDS = 2.0
 # How long context.shutdown() lets connections close in order before aborting the rest;
@@ -105,6 +127,12 @@ def server_ssl_context(
     context.verify_mode = ssl.CERT_OPTIONAL
     # Enrollment groups may name an intermediate (manufacturer) CA whose root we do not hold.
     context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    # OpenSSL sends two TLS 1.3 session tickets after every handshake (so that a client can
+    # open two connections from them); each carries the client certificate, encrypted, and
+    # the pair costs ~40% of a full handshake's server CPU (0.4 of 1.0 ms, OpenSSL 3.0). A
+    # device holds one connection, and a resumed one is handed a fresh ticket, so one is
+    # enough to resume with (bench/reconnects.py measures the storm a restart causes).
+    context.num_tickets = SESSION_TICKETS
     with _private_file(cert_chain_pem.rstrip(b"\n") + b"\n" + key_pem) as path:
         context.load_cert_chain(path, password=_refuse_encrypted_key)
     for pem in client_ca_pems:
@@ -215,6 +243,11 @@ class TlsListener:
         return len(self._server.connections)
 
     @property
+    def handshaking_connections(self) -> int:
+        """Connections accepted whose TLS handshake is still in progress."""
+        return self._server.handshakes
+
+    @property
     def refused_connections(self) -> int:
         """Connections closed at accept because `max_connections` were open, since start."""
         return self._server.refused
@@ -240,6 +273,7 @@ async def start_tls_server(
     max_connections: int,
     idle_timeout: float,
     handshake_timeout: float = MAX_HANDSHAKE_SECONDS,
+    max_handshakes: int = MAX_CONCURRENT_HANDSHAKES,
 ) -> TlsListener:
     """Serve `coaps+tcp` on `host`:`port` (0: an ephemeral port) for the site of `context`,
     an aiocoap server context such as `Context.create_server_context(site, bind=...,
@@ -247,7 +281,9 @@ async def start_tls_server(
 
     At most `max_connections` are open at once (further ones are closed at accept); one that
     completes no CoAP message for `idle_timeout` seconds is released and closed, and a TLS
-    handshake may take at most the smaller of `idle_timeout` and `handshake_timeout`.
+    handshake may take at most the smaller of `idle_timeout` and `handshake_timeout`. At most
+    `max_handshakes` handshakes run at once: while that many are in progress, no connection
+    is accepted (they wait in the listen backlog, in arrival order).
     `context.shutdown()` stops the listener and closes its connections. (A host name with
     several addresses gets a socket each; with port 0 those ports differ and `port` is the
     first one's. Give an address to avoid that.)
@@ -256,6 +292,8 @@ async def start_tls_server(
     """
     if max_connections < 1:
         raise ValueError(f"max_connections must be at least 1, not {max_connections}")
+    if max_handshakes < 1:
+        raise ValueError(f"max_handshakes must be at least 1, not {max_handshakes}")
     if not idle_timeout > 0 or not handshake_timeout > 0:
         raise ValueError("idle_timeout and handshake_timeout must be positive")
     loop = asyncio.get_running_loop()
@@ -270,6 +308,7 @@ async def start_tls_server(
             max_connections=max_connections,
             idle_timeout=idle_timeout,
             handshake_timeout=min(idle_timeout, handshake_timeout),
+            max_handshakes=max_handshakes,
         )
         await server.listen(host, port)
         created.append(server)
@@ -322,6 +361,9 @@ _ACCEPTS_PER_CALLBACK = 64
 # After running out of file descriptors (or kernel memory), accepting pauses this long instead
 # of spinning on a listening socket that stays readable.
 _ACCEPT_RETRY_SECONDS = 1.0
+# A connection's list of request tokens is pruned of finished requests once it holds this
+# many (or twice as many as after the last pruning).
+_TOKENS_PRUNE_MIN = 16
 
 
 class _TlsServer(TLSServer):  # type: ignore[misc]
@@ -338,6 +380,7 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
         max_connections: int,
         idle_timeout: float,
         handshake_timeout: float,
+        max_handshakes: int,
     ) -> None:
         super().__init__()
         self._tokenmanager = token_manager
@@ -347,6 +390,9 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        # Connections accepted and not yet past (or failed in) their handshake.
+        self.handshakes = 0
         self.port = 0
         self.refused = 0
         self.idle_closed = 0
@@ -360,6 +406,9 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
         self._sockets: list[socket.socket] = []
         self._sweep_timer: asyncio.TimerHandle | None = None
         self._accept_timer: asyncio.TimerHandle | None = None
+        # Whether the listening sockets are watched (not while max_handshakes are running,
+        # nor while pausing after an accept error).
+        self._accepting = False
         self._all_lost = asyncio.Event()
         self._all_lost.set()
         self._cap_logged = False
@@ -376,11 +425,24 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
 
     def _accept_on(self) -> None:
         self._accept_timer = None
+        if self._accepting or self.closing or self.handshakes >= self.max_handshakes:
+            return
+        self._accepting = True
         for listener in self._sockets:
             self.loop.add_reader(listener.fileno(), self._accept, listener)
 
+    def _accept_off(self) -> None:
+        if self._accepting:
+            self._accepting = False
+            for listener in self._sockets:
+                self.loop.remove_reader(listener.fileno())
+
     def _accept(self, listener: socket.socket) -> None:
         for _ in range(_ACCEPTS_PER_CALLBACK):
+            if self.handshakes >= self.max_handshakes:
+                # The rest wait in the listen backlog; a finished handshake resumes accepting.
+                self._accept_off()
+                return
             try:
                 sock, address = listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -391,8 +453,7 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
                 # Out of descriptors or memory: the socket stays readable, so stop watching it
                 # for a while rather than spin.
                 log.error("coaps+tcp: accepting failed (%s); pausing for a second", exc)
-                for each in self._sockets:
-                    self.loop.remove_reader(each.fileno())
+                self._accept_off()
                 self._accept_timer = self.loop.call_later(_ACCEPT_RETRY_SECONDS, self._accept_on)
                 return
             self._admit(sock, address)
@@ -422,6 +483,7 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
             return
         connection = _TlsConnection(self)
         self.connections.add(connection)
+        self.handshakes += 1
         self._all_lost.clear()
         connection.stream = TlsStream(
             tls,
@@ -433,6 +495,12 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
             close_timeout=_TLS_CLOSE_SECONDS,
         )
 
+    def handshake_over(self) -> None:
+        """A connection's handshake finished or failed: its slot is free for another."""
+        self.handshakes -= 1
+        if not self._accepting and self._accept_timer is None:
+            self._accept_on()
+
     def forget(self, connection: _TlsConnection, exc: Exception | None) -> None:
         """`connection` is lost; count it as a failed handshake if it never got past one."""
         self.connections.discard(connection)
@@ -440,6 +508,7 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
             self._all_lost.set()
         if len(self.connections) < self.max_connections:
             self._cap_logged = False
+        connection.end_handshake()
         if not connection.established and not self.closing:
             log.debug("coaps+tcp: TLS handshake failed: %s", exc)
             self.failed_handshakes += 1
@@ -460,8 +529,8 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
         for timer in (self._sweep_timer, self._accept_timer):
             if timer is not None:
                 timer.cancel()
+        self._accept_off()
         for listener in self._sockets:
-            self.loop.remove_reader(listener.fileno())
             listener.close()
         open_ones = list(self.connections)
         released = [c for c in open_ones if c in self._pool]
@@ -475,6 +544,55 @@ class _TlsServer(TLSServer):  # type: ignore[misc]
             connection.abort_transport()
         # Aborted connections report their loss on the next loop iteration.
         await self._all_lost.wait()
+
+    # -- aiocoap 0.4.17 workaround: a lost connection's requests, found per connection -------
+    #
+    # aiocoap ends the requests of a lost connection in `TokenManager.dispatch_error`, which
+    # walks every incoming (and outgoing) request of the whole server to find the ones whose
+    # remote is that connection. A server holds one observation per device, so when N devices
+    # go at once (a district's network fails) that is N walks over up to N requests: O(N^2),
+    # ~1 s of CPU at 4,000 devices during which nothing else is served, and growing with the
+    # square. Here each connection keeps the tokens of its own requests (`request_tokens`),
+    # and losing it ends exactly those. Everything else dispatch_error does is kept: outgoing
+    # requests to the connection (a server rarely has any) still fail with a NetworkError.
+    # Only `_dispatch_incoming` and `_dispatch_error` of `_TCPPooling` are overridden, for
+    # this transport only; an aiocoap upgrade must re-check both against TokenManager's
+    # `process_request` and `dispatch_error` (tests/twin/test_coap_tls.py has a test that
+    # counts the requests a disconnect visits).
+
+    def _dispatch_incoming(self, connection: _TlsConnection, msg: aiocoap.Message) -> None:
+        super()._dispatch_incoming(connection, msg)
+        # As _TCPPooling does: everything that is not a response goes to process_request,
+        # which files it in incoming_requests under (token, connection).
+        if not msg.code.is_response() and self._tokenmanager is not None:
+            connection.note_request(msg.token, self._tokenmanager.incoming_requests)
+
+    def _dispatch_error(self, connection: _TlsConnection, exc: Exception | None) -> None:
+        self._evict_from_pool(connection)
+        manager = self._tokenmanager
+        if manager is None or manager.outgoing_requests is None:
+            # Shut down, or shutting down: nothing is left to end (as in aiocoap).
+            if exc is not None:
+                self.log.debug("Ignoring late error during shutdown: %s", exc)
+            return
+        # What TokenManager.dispatch_error hands requesters: a NetworkError.
+        error = exc
+        if not isinstance(error, aiocoap.error.NetworkError):
+            error = aiocoap.error.NetworkError(str(exc))
+            error.__cause__ = exc
+        # Collected first and called after: each call takes its entry out of these dicts.
+        stoppers: list[Callable[[], object]] = [
+            functools.partial(request.add_exception, error)
+            for (_, remote), request in manager.outgoing_requests.items()
+            if remote == connection
+        ]
+        incoming = manager.incoming_requests
+        for token in dict.fromkeys(connection.take_request_tokens()):
+            entry = incoming.get((token, connection))
+            if entry is not None:
+                stoppers.append(entry[1])
+        for stop in stoppers:
+            stop()
 
 
 class _TlsConnection(TcpConnection):  # type: ignore[misc]
@@ -493,6 +611,13 @@ class _TlsConnection(TcpConnection):  # type: ignore[misc]
         self.peer_certificate: bytes | None = None
         self.last_message = server.loop.time()
         self.stream: TlsStream | None = None  # set right after, by the server
+        # Whether it holds one of the server's max_handshakes slots.
+        self.handshaking = True
+        # Tokens of the requests received on this connection that may still be in aiocoap's
+        # token manager, so that losing the connection need not scan every request of the
+        # server (see _TlsServer._dispatch_error); pruned as it grows.
+        self.request_tokens: list[bytes] = []
+        self._prune_at = _TOKENS_PRUNE_MIN
         # aiocoap's connection_made sets these. Python gives instances a compact dict only for
         # attributes first set in __init__; one first set later costs every connection a dict
         # of its own (~0.7 KiB).
@@ -511,11 +636,18 @@ class _TlsConnection(TcpConnection):  # type: ignore[misc]
         return "" if hostinfo is None else hostinfo[0]
 
     def tls_established(self, stream: TlsStream) -> None:
+        self.end_handshake()
         self.peer_certificate = stream.ssl_object.getpeercert(binary_form=True)
         # aiocoap's connection_made: addresses from the stream, then our CSM.
         super().connection_made(stream)
         self._ctx._pool.add(self)
         self.last_message = self.loop.time()
+
+    def end_handshake(self) -> None:
+        """Give the connection's handshake slot back (once, however the handshake ended)."""
+        if self.handshaking:
+            self.handshaking = False
+            self._ctx.handshake_over()
 
     def data_received(self, data: bytes) -> None:
         if self._ctx.closing:
@@ -530,6 +662,22 @@ class _TlsConnection(TcpConnection):  # type: ignore[misc]
         self._ctx.forget(self, exc)
         if self._transport is not None:
             super().connection_lost(exc)
+
+    def note_request(self, token: bytes, incoming: dict[Any, Any]) -> None:
+        """Remember a request received on this connection, which aiocoap keeps in `incoming`
+        (its token manager's incoming_requests) under (token, this connection) until it is
+        done. Tokens of finished requests are dropped whenever the list has doubled since the
+        last pruning, so a connection that sends request after request keeps a short list."""
+        tokens = self.request_tokens
+        tokens.append(token)
+        if len(tokens) >= self._prune_at:
+            tokens[:] = [t for t in dict.fromkeys(tokens) if (t, self) in incoming]
+            self._prune_at = max(_TOKENS_PRUNE_MIN, 2 * len(tokens))
+
+    def take_request_tokens(self) -> list[bytes]:
+        """The tokens noted so far (some of finished requests), forgetting them."""
+        tokens, self.request_tokens = self.request_tokens, []
+        return tokens
 
     def idle_since(self, moment: float) -> bool:
         """Whether the connection is open and has completed no message since `moment`."""

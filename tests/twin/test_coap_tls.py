@@ -1,8 +1,9 @@
 """CoAP over TLS (`twin.coap_tls`) with real aiocoap clients and raw TLS sockets on 127.0.0.1
 (and ::1): client certificates reaching resources, untrusted and newly trusted CAs, the
-connection cap, the idle timeout, exact port binding, peer addresses, the read buffer the
-connections share, and shutdown. The TLS stream underneath has its own tests
-(test_tls_stream.py: back-pressure, closing, timeouts, no spinning).
+connection cap, the handshake cap, the idle timeout, exact port binding, peer addresses, the
+read buffer the connections share, one session ticket per handshake, a lost connection's
+requests ended without visiting any other's, and shutdown. The TLS stream underneath has its
+own tests (test_tls_stream.py: back-pressure, closing, timeouts, no spinning).
 
 Client recipes (aiocoap 0.4.17), for tests that talk `coaps+tcp` to the service:
 
@@ -42,7 +43,7 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,6 +69,7 @@ from provisioning.csr_policy import inspect_csr
 from tests.conftest import free_port
 from twin import coap_tls
 from twin.coap_tls import (
+    MAX_CONCURRENT_HANDSHAKES,
     MAX_MESSAGE_BYTES,
     TlsListener,
     add_client_ca,
@@ -78,6 +80,7 @@ from twin.coap_tls import (
     server_ssl_context,
     start_tls_server,
 )
+from twin.pipe_observations import PipeObservation
 
 PEM = serialization.Encoding.PEM
 DER = serialization.Encoding.DER
@@ -211,6 +214,20 @@ class Who(aiocoap.resource.Resource):  # type: ignore[misc]
         return aiocoap.Message(code=aiocoap.CHANGED, payload=str(len(request.payload)).encode())
 
 
+class Held(aiocoap.resource.Resource):  # type: ignore[misc]
+    """`/held`: a GET with Observe: 0 is an observation (as devices' are) that nothing ever
+    triggers, so its request stays in aiocoap's token manager until the client goes."""
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        if pipe.request.opt.observe != 0:
+            await super().render_to_pipe(pipe)
+            return
+        await PipeObservation(pipe, self).serve()
+
+    async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
+        return aiocoap.Message(code=Code.CONTENT, payload=b"held")
+
+
 @dataclass
 class Served:
     context: aiocoap.Context
@@ -246,10 +263,12 @@ async def serve(pki: Pki) -> AsyncIterator[Serve]:
         port: int = 0,
         max_connections: int = 10,
         idle_timeout: float = 30.0,
+        max_handshakes: int = MAX_CONCURRENT_HANDSHAKES,
     ) -> Served:
         who = Who()
         site = aiocoap.resource.Site()
         site.add_resource(["who"], who)
+        site.add_resource(["held"], Held())
         udp_port = free_port(socket.SOCK_DGRAM)
         context = await aiocoap.Context.create_server_context(
             site, bind=("127.0.0.1", udp_port), transports=["udp6"]
@@ -262,6 +281,7 @@ async def serve(pki: Pki) -> AsyncIterator[Serve]:
             tls,
             max_connections=max_connections,
             idle_timeout=idle_timeout,
+            max_handshakes=max_handshakes,
         )
         served = Served(context, listener, tls, who, udp_port)
         started.append(served)
@@ -329,6 +349,11 @@ class Raw:
             code, got, body = await asyncio.wait_for(self.frame(), 3)
             if got == token and code != CSM:
                 return code, body
+
+    async def observe_held(self, token: bytes) -> None:
+        # GET, Observe (6): 0 (empty), Uri-Path (11) "held"
+        self.send(0x01, token, b"\x60\x54held")
+        assert (await self.answer_to(token))[0] == CONTENT
 
     async def get_who(self, token: bytes) -> bytes:
         self.send(0x01, token, b"\xb3who")  # GET, Uri-Path (11) "who"
@@ -517,14 +542,192 @@ async def test_a_stalled_handshake_is_dropped(serve: Serve) -> None:
         writer.close()
 
 
+async def test_handshakes_beyond_the_cap_wait_in_the_listen_backlog(serve: Serve, pki: Pki) -> None:
+    served = await serve(max_handshakes=2)
+    listener = served.listener
+    # Three TCP connections that never start their TLS handshake.
+    stalled = [await asyncio.open_connection("127.0.0.1", listener.port) for _ in range(3)]
+    try:
+        await eventually(lambda: listener.handshaking_connections == 2)
+        await asyncio.sleep(0.3)
+        # The third is not accepted (its TCP handshake is done: it waits in the backlog).
+        assert listener.open_connections == 2
+        assert listener.refused_connections == 0
+
+        # One gives up: the third takes its slot.
+        stalled[0][1].close()
+        await eventually(lambda: listener.failed_handshakes == 1)
+        await eventually(lambda: listener.open_connections == 2)
+        assert listener.handshaking_connections == 2
+        # Another gives up: a device gets the free slot and is served; once its handshake
+        # is done, it no longer holds one.
+        stalled[1][1].close()
+        async with device_client(pki, pki.device) as client:
+            assert (await get(client, served.coaps + "/who")).code == Code.CONTENT
+            assert listener.handshaking_connections == 1
+            assert listener.open_connections == 2
+    finally:
+        for _, writer in stalled:
+            writer.close()
+    await eventually(lambda: listener.open_connections == 0)
+    assert listener.handshaking_connections == 0
+
+
 async def test_limits_must_be_positive() -> None:
     tls = ssl.create_default_context()
-    for cap, idle in ((0, 1.0), (1, 0.0)):
+    for cap, idle, handshakes in ((0, 1.0, 1), (1, 0.0, 1), (1, 1.0, 0)):
         with pytest.raises(ValueError):
             # Checked before the context is touched.
             await start_tls_server(
-                None, "127.0.0.1", 0, tls, max_connections=cap, idle_timeout=idle
+                None,
+                "127.0.0.1",
+                0,
+                tls,
+                max_connections=cap,
+                idle_timeout=idle,
+                max_handshakes=handshakes,
             )
+
+
+# -- a lost connection's requests ------------------------------------------------------------
+
+
+class CountingRequests(dict[Any, Any]):
+    """aiocoap's `incoming_requests`, counting the entries anything iterates over."""
+
+    visited = 0
+
+    def _count(self, entries: Any) -> Iterator[Any]:
+        for entry in entries:
+            self.visited += 1
+            yield entry
+
+    def items(self) -> Any:
+        return self._count(super().items())
+
+    def keys(self) -> Any:
+        return self._count(super().keys())
+
+    def values(self) -> Any:
+        return self._count(super().values())
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._count(super().__iter__())
+
+
+def counted_requests(served: Served) -> CountingRequests:
+    """Swap the TLS transport's token manager's request table for a counting one."""
+    manager = served.listener._server._tokenmanager
+    counting = CountingRequests(manager.incoming_requests)
+    manager.incoming_requests = counting
+    return counting
+
+
+async def test_a_lost_connection_ends_its_requests_without_visiting_others(
+    serve: Serve, pki: Pki
+) -> None:
+    served = await serve()
+    server = served.listener._server
+    requests = counted_requests(served)
+    async with contextlib.AsyncExitStack() as stack:
+        raws = [
+            await stack.enter_async_context(raw_tls(pki, served.listener.port)) for _ in range(5)
+        ]
+        for raw in raws:
+            await raw.observe_held(b"\x01")
+            await raw.observe_held(b"\x02")
+        assert len(requests) == 10
+        # One device's connection goes, abruptly (no close_notify, no Release)...
+        raws[0].writer.transport.abort()
+        await eventually(lambda: len(requests) == 8)
+        # ...another's in order, with a Release.
+        raws[1].send(RELEASE)
+        await eventually(lambda: len(requests) == 6)
+        await eventually(lambda: served.listener.open_connections == 3)
+        # aiocoap 0.4.17 alone walks all of the server's requests on each loss (and twice on
+        # a Release): 24 entries here, O(N^2) for N devices leaving at once.
+        assert requests.visited == 0
+        # The others are untouched and still observed.
+        remaining = {(token, remote) for token, remote in dict.keys(requests)}
+        assert {remote for _, remote in remaining} == set(server.connections)
+    # Every device gone: nothing is left behind.
+    await eventually(lambda: served.listener.open_connections == 0)
+    assert dict(requests) == {}
+    assert server._pool == set()
+    assert requests.visited == 0
+
+
+async def test_a_connection_remembers_only_its_unfinished_requests(serve: Serve, pki: Pki) -> None:
+    served = await serve()
+    requests = counted_requests(served)
+    async with raw_tls(pki, served.listener.port) as raw:
+        await raw.observe_held(b"\x00\x01")
+        for number in range(2, 200):
+            await raw.get_who(number.to_bytes(2, "big"))
+        (connection,) = served.listener._server.connections
+        # Finished requests are pruned: the list stays short however many are made...
+        assert len(connection.request_tokens) < 40
+        assert len(requests) == 1
+    # ...and the observation made first is still ended with the connection.
+    await eventually(lambda: len(requests) == 0)
+    assert requests.visited == 0
+
+
+# -- session tickets -----------------------------------------------------------------------------
+
+
+class TicketCounting:
+    """A device's TLS client context that counts the session tickets it receives."""
+
+    def __init__(self, pki: Pki, device: Device) -> None:
+        self.device = device
+        self.tickets = 0
+        self.context = client_ssl_context(
+            pki.trust, cert_pem=pem(device.cert), key_pem=key_pem(device.key)
+        )
+        self.context._msg_callback = self._count  # type: ignore[attr-defined]
+
+    def _count(
+        self, conn: Any, direction: str, version: Any, kind: Any, message: Any, _: Any
+    ) -> None:
+        # TLS handshake message type 4: NewSessionTicket (RFC 8446 section 4.6.1).
+        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and message == 4:
+            self.tickets += 1
+
+    def connect(
+        self, port: int, session: ssl.SSLSession | None = None
+    ) -> tuple[ssl.SSLSession | None, bool, bytes]:
+        """A blocking connection (resuming `session` if given) that asks GET /who: (the
+        session, whether it was resumed, the bytes up to the answer)."""
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock,
+            self.context.wrap_socket(sock, server_hostname="127.0.0.1", session=session) as tls,
+        ):
+            tls.sendall(bytes([0, CSM]) + bytes([0x41, 0x01, 0x07]) + b"\xb3who")  # CSM, GET /who
+            answer = b""
+            while self.device.fingerprint.encode() not in answer:
+                chunk = tls.recv(4096)
+                assert chunk, "closed before the answer"
+                answer += chunk
+            return tls.session, tls.session_reused, answer
+
+
+async def test_one_session_ticket_per_handshake_and_resumption_keeps_the_identity(
+    serve: Serve, pki: Pki
+) -> None:
+    served = await serve()
+    port = served.listener.port
+    device = TicketCounting(pki, pki.device)
+    session, resumed, _ = await asyncio.to_thread(device.connect, port)
+    # OpenSSL sends two by default; a device, with one connection, resumes from one.
+    assert (device.tickets, resumed) == (1, False)
+    assert session is not None and session.has_ticket
+    _, resumed, answer = await asyncio.to_thread(device.connect, port, session)
+    # A resumed connection carries the device's certificate from the ticket, and gets a new
+    # ticket to resume from next time.
+    assert (device.tickets, resumed) == (2, True)
+    assert served.who.seen == [pki.device.fingerprint] * 2
+    assert answer.endswith(pki.device.fingerprint.encode())
 
 
 # -- binding and addresses ---------------------------------------------------------------------
