@@ -47,9 +47,10 @@ from twin.device_payloads import (
 )
 from twin.dimming_schedule import parse_schedule, resolve_schedule
 from twin.errors import FailedPrecondition, InvalidArgument
+from twin.group_commits import GroupCommitter
 from twin.liveness_store import Liveness
 from twin.registry import get_device
-from twin.report_commits import Report, ReportCommitter
+from twin.report_commits import Report
 from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
 from twin.telemetry_store import telemetry_report
 from twin.twin_store import TwinView, get_twin
@@ -63,7 +64,7 @@ class DeviceSide:
     notifier: FeedNotifier
     observers: DeviceObservers
     liveness: Liveness
-    reports: ReportCommitter
+    reports: GroupCommitter[Report, TwinView]
 
     async def device(self, request: aiocoap.Message, *, seen: bool = True) -> DeviceIdentity:
         """The device whose certificate the request's connection presented; `seen` records

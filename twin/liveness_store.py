@@ -4,6 +4,8 @@ silent devices offline. Both transitions are change-feed events.
 `Liveness.seen` is called on every CoAP request a device makes. Writing `last_seen_at` on each
 would double the writes of a reporting fleet, so each replica writes it at most every
 `WRITE_EVERY_SECONDS` per device; an offline device coming back is always written at once.
+The writes of devices heard from at the same time (a district reconnecting) share
+transactions (group commit, see group_commits.py).
 `sweep` runs on every replica: the offline transition is a conditional update, so when two
 replicas sweep together only one records it.
 """
@@ -11,6 +13,7 @@ replicas sweep together only one records it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from tortoise.backends.base.client import BaseDBAsyncClient
@@ -18,15 +21,20 @@ from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
+from twin.group_commits import GroupCommitter
 from twin.liveness import check_tolerance, silent_since
 from twin.models import Device, Twin
 from twin.profile_store import get_profile
 from twin.registry import LifecycleState, view_of
-from twin.sync_store import refresh_sync
+from twin.sync_store import updated_sync
 
 # Finer than any heartbeat interval (>= 10 s) times any tolerance (>= 1).
 WRITE_EVERY_SECONDS = 5.0
 _TRACKED_LIMIT = 200_000
+
+
+# Signs of life written per transaction at most (group commit, see group_commits.py).
+_MAX_GROUP = 200
 
 
 class Liveness:
@@ -38,6 +46,10 @@ class Liveness:
         self.tolerance = tolerance
         # device id -> monotonic time this replica last wrote its last_seen_at
         self._written: dict[str, float] = {}
+        # A storm of reconnecting devices makes one write each: they share transactions.
+        self._writes: GroupCommitter[str, None] = GroupCommitter(
+            self._record_seen, max_group=_MAX_GROUP, name="liveness writes"
+        )
 
     async def seen(self, device_id: str) -> None:
         """Record that `device_id` was heard from now (throttled, see the module docstring)."""
@@ -48,22 +60,51 @@ class Liveness:
         if len(self._written) >= _TRACKED_LIMIT:
             self._written.clear()
         self._written[device_id] = tick
-        came_online = False
+        await self._writes.commit(device_id)
+
+    async def close(self) -> None:
+        """Wait until every queued sign of life has been written."""
+        await self._writes.close()
+
+    async def _record_seen(self, device_ids: Sequence[str]) -> list[Exception | None]:
+        """One transaction: every device of `device_ids` (unless decommissioned or gone)
+        seen now; online again, with its feed entry, if it was offline."""
+        ids = sorted(set(device_ids))
         async with in_transaction() as conn:
-            # Twin before device, in the order twin updates take them (no deadlock).
-            twin = await _locked_twin(conn, device_id)
-            row = await Device.filter(id=device_id).using_db(conn).select_for_update().first()
-            if row is None or row.state == LifecycleState.DECOMMISSIONED:
-                return
+            # Twins before devices, each in id order, as twin updates take them (no deadlock).
+            twins = {
+                twin.device_id: twin
+                for twin in await Twin.filter(device_id__in=ids)
+                .using_db(conn)
+                .select_for_update()
+                .order_by("device_id")
+            }
+            rows = [
+                row
+                for row in await Device.filter(id__in=ids)
+                .using_db(conn)
+                .select_for_update()
+                .order_by("id")
+                if row.state != LifecycleState.DECOMMISSIONED
+            ]
+            if not rows:
+                return [None] * len(device_ids)
             now = datetime.now(UTC)
-            row.last_seen_at = now
-            came_online = not row.online
-            row.online = True
-            await row.save(using_db=conn, update_fields=["last_seen_at", "online"])
-            if came_online:
-                await _record_transition(conn, row, twin, ChangeType.DEVICE_ONLINE, now)
-        if came_online:
+            await (
+                Device.filter(id__in=[row.id for row in rows])
+                .using_db(conn)
+                .update(last_seen_at=now, online=True)
+            )
+            entries: list[NewEntry] = []
+            for row in rows:
+                if not row.online:
+                    row.online, row.last_seen_at = True, now
+                    twin = twins.get(row.id)
+                    entries += await _transition(conn, row, twin, ChangeType.DEVICE_ONLINE, now)
+            await change_feed.append(conn, entries)
+        if entries:
             self.notifier.wake()
+        return [None] * len(device_ids)
 
     async def sweep(self) -> int:
         """Mark offline every online device silent for longer than its profile's heartbeat
@@ -94,7 +135,10 @@ class Liveness:
             if not changed:
                 return 0  # heard from meanwhile, or another replica got there first
             row = await Device.filter(id=device_id).using_db(conn).get()
-            await _record_transition(conn, row, twin, ChangeType.DEVICE_OFFLINE, datetime.now(UTC))
+            now = datetime.now(UTC)
+            await change_feed.append(
+                conn, await _transition(conn, row, twin, ChangeType.DEVICE_OFFLINE, now)
+            )
         self._written.pop(device_id, None)
         return 1
 
@@ -103,14 +147,18 @@ async def _locked_twin(conn: BaseDBAsyncClient, device_id: str) -> Twin | None:
     return await Twin.filter(device_id=device_id).using_db(conn).select_for_update().first()
 
 
-async def _record_transition(
+async def _transition(
     conn: BaseDBAsyncClient, row: Device, twin: Twin | None, change: ChangeType, now: datetime
-) -> None:
-    """The feed entry of an online/offline change, and the twin's sync status after it (a
-    pending twin becomes stale when its device goes offline, and back)."""
+) -> list[NewEntry]:
+    """The feed entries of an online/offline change, for the caller to append: the change
+    itself, and the twin's sync status after it (a pending twin becomes stale when its device
+    goes offline, and back), which is saved here."""
     view = view_of(row)
-    await change_feed.append(conn, [NewEntry(view.subject, change, device=view.to_json())])
-    if twin is not None and await refresh_sync(
-        conn, twin, view.subject, online=row.online, ack=None, now=now
-    ):
-        await twin.save(using_db=conn, update_fields=["sync", "next_push_at"])
+    entries = [NewEntry(view.subject, change, device=view.to_json())]
+    if twin is not None:
+        changed, entry = updated_sync(twin, view.subject, online=row.online, ack=None, now=now)
+        if changed:
+            await twin.save(using_db=conn, update_fields=["sync", "next_push_at"])
+        if entry is not None:
+            entries.append(entry)
+    return entries

@@ -1,26 +1,21 @@
 """Committing device reports: the reported state, acknowledgements, telemetry samples, sync
 status and alarms they change, many reports per transaction.
 
-A lamp's report is small and the work around it is mostly fixed cost: a transaction, a row
-lock, an UPDATE, the change-feed insert, a commit, each a round trip to the database (to
-aiosqlite's thread on SQLite). A fleet reporting at once pays that cost per report, so the
-device side hands its reports to one `ReportCommitter` per process, which commits whatever
-has queued up while the previous group was committing in one transaction ("group commit"):
-one read of the devices, one locking read of their twins, one read of their active alarms,
-one feed insert and one commit for the whole group. A report still waits for its commit
-before the device gets its 2.04, and reports of one device are applied in arrival order.
+The device side queues its reports in one `report_committer` per process (group commit, see
+group_commits.py): one read of the devices, one locking read of their twins, one read of
+their active alarms, one feed insert and one commit for the whole group. A report still waits
+for its commit before the device gets its 2.04, and the reports of one process are applied
+in the order they were queued.
 
 Every report in a group succeeds or fails on its own: what can be refused (an unknown or
 decommissioned device, a profile violation, a bad `$ack`, a stale `expected_version`, a
-document outgrowing its bound) is found before anything of that report is written. Should
-the transaction itself fail, each report of the group is committed again on its own, so one
-report that trips the database cannot take the others with it.
+document outgrowing its bound) is found before anything of that report is written.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -32,6 +27,7 @@ from twin.access import Principal
 from twin.alarm_store import active_alarms, apply_report
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.errors import CitytwinError, FailedPrecondition, NotFound, VersionConflict
+from twin.group_commits import GroupCommitter
 from twin.merge_patch import Document
 from twin.metadata import drop_superseded
 from twin.models import Alarm, Device, TelemetrySample, Twin
@@ -42,8 +38,8 @@ from twin.registry import DeviceView, LifecycleState, set_lifecycle_state, view_
 from twin.sync_store import ack_to_json, updated_sync
 from twin.twin_store import TwinView, apply_to_row, view_of_twin
 
-# Reports per transaction at most: enough to amortise the fixed cost, few enough that the
-# row locks of one group are not held for long.
+# Reports per transaction at most: enough to share the fixed cost, few enough that the row
+# locks of one group are not held for long.
 MAX_GROUP = 100
 
 
@@ -209,85 +205,10 @@ async def _apply(
     return view_of_twin(row)
 
 
-# How a group is committed: commit_reports, or a stand-in in tests of the queueing.
-CommitGroup = Callable[[Sequence[Report], FeedNotifier], Awaitable[list[Outcome]]]
-
-
-class ReportCommitter:
-    """Queues the reports of this process and commits them in groups (see the module
-    docstring): one group at a time, made of whatever arrived while the previous one was
-    committing, so a lone report is committed at once and a busy fleet shares commits."""
-
-    def __init__(
-        self,
-        notifier: FeedNotifier,
-        *,
-        max_group: int = MAX_GROUP,
-        commit_group: CommitGroup = commit_reports,
-    ) -> None:
-        self.notifier = notifier
-        self.max_group = max_group
-        self._commit_group = commit_group
-        self._queue: list[tuple[Report, asyncio.Future[TwinView]]] = []
-        self._committing: list[tuple[Report, asyncio.Future[TwinView]]] = []
-        self._worker: asyncio.Task[None] | None = None
-
-    async def commit(self, report: Report) -> TwinView:
-        """Commit `report` (with others queued alongside); raises what refused it."""
-        future: asyncio.Future[TwinView] = asyncio.get_running_loop().create_future()
-        self._queue.append((report, future))
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.create_task(self._drain(), name="report commits")
-            self._worker.add_done_callback(self._abandon)
-        # A caller that goes away (its device disconnected) leaves the report queued: it is
-        # committed all the same, as a report that had reached the server should be.
-        return await asyncio.shield(future)
-
-    async def close(self) -> None:
-        """Wait until every queued report has been committed."""
-        if self._worker is not None:
-            await self._worker
-
-    async def _drain(self) -> None:
-        while self._queue:
-            self._committing = self._queue[: self.max_group]
-            del self._queue[: self.max_group]
-            outcomes = await self._commit([report for report, _ in self._committing])
-            for (_, future), outcome in zip(self._committing, outcomes, strict=True):
-                if isinstance(outcome, Exception):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
-            self._committing = []
-
-    def _abandon(self, worker: asyncio.Task[None]) -> None:
-        """If the worker ended early (cancelled as the server stops, perhaps before it even
-        ran; or a bug), nobody may be left waiting for ever."""
-        error = None if worker.cancelled() else worker.exception()
-        if error is None and not worker.cancelled():
-            return
-        for _, future in [*self._committing, *self._queue]:
-            if future.done():
-                continue
-            if error is None:
-                future.cancel()
-            else:
-                future.set_exception(error)
-        self._committing = []
-        self._queue.clear()
-
-    async def _commit(self, reports: list[Report]) -> list[Outcome]:
-        try:
-            return await self._commit_group(reports, self.notifier)
-        except Exception as error:
-            if len(reports) == 1:
-                return [error]
-        # The group's transaction failed: find the report that trips it by committing
-        # each on its own.
-        outcomes: list[Outcome] = []
-        for report in reports:
-            try:
-                outcomes.extend(await self._commit_group([report], self.notifier))
-            except Exception as error:
-                outcomes.append(error)
-        return outcomes
+def report_committer(notifier: FeedNotifier) -> GroupCommitter[Report, TwinView]:
+    """The committer a process's device side queues its reports in."""
+    return GroupCommitter(
+        functools.partial(commit_reports, notifier=notifier),
+        max_group=MAX_GROUP,
+        name="report commits",
+    )

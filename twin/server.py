@@ -58,7 +58,7 @@ from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
 from twin.liveness_store import Liveness
 from twin.reconciler import renotify_due
-from twin.report_commits import ReportCommitter
+from twin.report_commits import report_committer
 from twin.settings import Settings
 from twin.telemetry_store import trim_telemetry
 
@@ -225,7 +225,8 @@ async def serve(settings: Settings) -> None:
         )
         observers = DeviceObservers()
         liveness = Liveness(notifier, settings.offline_tolerance)
-        reports = ReportCommitter(notifier)
+        running.push_async_callback(liveness.close)
+        reports = report_committer(notifier)
         # Stopped after the CoAP side (so no report comes in), before the database closes.
         running.push_async_callback(reports.close)
         side = DeviceSide(notifier, observers, liveness, reports)

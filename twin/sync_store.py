@@ -11,9 +11,6 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from tortoise.backends.base.client import BaseDBAsyncClient
-
-from twin import change_feed
 from twin.change_feed import ChangeType, NewEntry
 from twin.delta import compute_delta
 from twin.models import Twin
@@ -72,22 +69,6 @@ def updated_sync(
         # that is the first notification; the reconciler only re-notifies after it.
         status = record_push(status, now)
     return _store(row, subject, previous, status)
-
-
-async def refresh_sync(
-    conn: BaseDBAsyncClient,
-    row: Twin,
-    subject: Subject,
-    *,
-    online: bool,
-    ack: Acknowledgement | None,
-    now: datetime,
-) -> bool:
-    """`updated_sync`, appending its feed entry inside the caller's transaction."""
-    changed, entry = updated_sync(row, subject, online=online, ack=ack, now=now)
-    if entry is not None:
-        await change_feed.append(conn, [entry])
-    return changed
 
 
 def record_renotification(row: Twin, subject: Subject, now: datetime) -> bool:

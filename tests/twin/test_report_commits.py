@@ -1,13 +1,11 @@
-"""Group commit of device reports (twin/report_commits.py): how the committer groups and
-isolates reports (with a stand-in for the database), and what many devices reporting at once
-through a real server end up with."""
+"""Device reports committed in groups (twin/report_commits.py): what many devices reporting at
+once through a real server end up with, and telemetry arriving out of order."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import aiocoap
@@ -19,124 +17,8 @@ from google.protobuf import json_format
 
 from citytwin.v1 import devices_pb2 as d
 from tests.coap_devices import Site, coap_client, enrolled_device, request, twin_of
-from twin.access import device_principal
-from twin.change_feed import FeedNotifier
-from twin.errors import InvalidArgument
-from twin.report_commits import Outcome, Report, ReportCommitter
-from twin.twin_store import TwinView
 
 CBOR, SENML_JSON = 60, 110
-
-
-def _view(report: Report) -> TwinView:
-    version = int(str(report.patch["n"]))
-    return TwinView(report.device_id, {}, dict(report.patch), {}, {}, {}, version, None)
-
-
-class FakeDatabase:
-    """Stands in for commit_reports: records each group, can hold a commit until released,
-    refuses reports with `"bad": true`, and fails any transaction that holds `"poison"`."""
-
-    def __init__(self) -> None:
-        self.groups: list[list[int]] = []
-        self.committed: list[int] = []
-        self.release = asyncio.Event()
-        self.release.set()
-
-    async def commit(self, reports: Sequence[Report], notifier: FeedNotifier) -> list[Outcome]:
-        await self.release.wait()
-        numbers = [int(str(r.patch["n"])) for r in reports]
-        self.groups.append(numbers)
-        if any("poison" in r.patch for r in reports):
-            raise RuntimeError("the transaction failed")
-        outcomes: list[Outcome] = []
-        for report in reports:
-            if report.patch.get("bad"):
-                outcomes.append(InvalidArgument(f"report {report.patch['n']} is bad"))
-            else:
-                self.committed.append(int(str(report.patch["n"])))
-                outcomes.append(_view(report))
-        return outcomes
-
-
-def report(n: int, **extra: object) -> Report:
-    return Report("lamp-1", {"n": n, **extra}, device_principal("lamp-1"))
-
-
-async def test_reports_arriving_during_a_commit_share_the_next_one() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), commit_group=database.commit)
-    database.release.clear()
-    first = asyncio.create_task(committer.commit(report(1)))
-    await asyncio.sleep(0)  # the first group (just report 1) is now committing
-    rest = [asyncio.create_task(committer.commit(report(n))) for n in range(2, 8)]
-    await asyncio.sleep(0)
-    database.release.set()
-    views = await asyncio.gather(first, *rest)
-    assert database.groups == [[1], [2, 3, 4, 5, 6, 7]]
-    assert [v.version for v in views] == [1, 2, 3, 4, 5, 6, 7]  # each caller its own answer
-    await committer.close()
-
-
-async def test_groups_are_bounded() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), max_group=3, commit_group=database.commit)
-    database.release.clear()
-    tasks = [asyncio.create_task(committer.commit(report(n))) for n in range(1, 9)]
-    await asyncio.sleep(0)
-    database.release.set()
-    await asyncio.gather(*tasks)
-    assert database.groups == [[1, 2, 3], [4, 5, 6], [7, 8]]
-
-
-async def test_a_refused_report_fails_alone() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), commit_group=database.commit)
-    outcomes = await asyncio.gather(
-        *(committer.commit(report(n, bad=n == 2)) for n in range(1, 4)), return_exceptions=True
-    )
-    assert isinstance(outcomes[1], InvalidArgument)
-    assert [o.version for o in outcomes if isinstance(o, TwinView)] == [1, 3]
-    assert database.committed == [1, 3]
-
-
-async def test_a_failed_transaction_is_retried_report_by_report() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), commit_group=database.commit)
-    outcomes = await asyncio.gather(
-        *(committer.commit(report(n, **({"poison": 1} if n == 3 else {}))) for n in (1, 2, 3, 4)),
-        return_exceptions=True,
-    )
-    assert isinstance(outcomes[2], RuntimeError)
-    assert database.committed == [1, 2, 4]
-    assert database.groups == [[1, 2, 3, 4], [1], [2], [3], [4]]
-
-
-async def test_a_caller_that_goes_away_leaves_its_report_committed() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), commit_group=database.commit)
-    database.release.clear()
-    caller = asyncio.create_task(committer.commit(report(1)))
-    await asyncio.sleep(0)
-    caller.cancel()
-    database.release.set()
-    await committer.close()
-    assert database.committed == [1]
-
-
-async def test_stopping_the_committer_answers_everyone() -> None:
-    database = FakeDatabase()
-    committer = ReportCommitter(FeedNotifier(), commit_group=database.commit)
-    database.release.clear()
-    waiting = [asyncio.create_task(committer.commit(report(n))) for n in (1, 2)]
-    await asyncio.sleep(0)
-    assert committer._worker is not None
-    committer._worker.cancel()
-    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-    assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
-    # A later report starts afresh.
-    database.release.set()
-    assert (await committer.commit(report(3))).version == 3
 
 
 async def test_many_devices_reporting_at_once_each_get_their_own_outcome(site: Site) -> None:
