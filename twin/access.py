@@ -6,6 +6,7 @@ only ever sees and touches the devices its scope matches (an installer for distr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -136,6 +137,8 @@ class Principal:
             raise PermissionDenied(f"device {subject.id} is outside the token's scope")
 
 
+# Asked for on every request a device makes; parsing its scope each time showed in profiles.
+@functools.lru_cache(maxsize=16_384)
 def device_principal(device_id: str) -> Principal:
     """A device authenticated by its certificate: it may only read its twin and report, and
     its scope is itself, so every store call refuses any other device."""

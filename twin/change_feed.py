@@ -17,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 from tortoise import connections
@@ -228,6 +228,61 @@ async def watch(
     An empty cursor starts at the current end; OutOfRange if entries after the cursor have
     been trimmed (the caller would otherwise silently miss them).
     """
+
+    async def entries_after(cursor: int) -> list[ChangeEntry]:
+        return await ChangeEntry.filter(id__gt=cursor).order_by("id").limit(_READ_BATCH)
+
+    async for entry in _follow(notifier, after_cursor, poll_seconds, entries_after):
+        if matches(selector, subject_from_json(entry.subject)):
+            yield entry
+
+
+@dataclass(frozen=True)
+class Headline:
+    """What kind of change happened to which device: a feed entry without its body."""
+
+    id: int
+    device_id: str
+    change_type: ChangeType
+
+
+async def headlines(
+    notifier: FeedNotifier, *, poll_seconds: float = 5.0
+) -> AsyncIterator[Headline]:
+    """Yield the headline of every entry appended from now on, for ever: `watch` for
+    followers that need no more (device observers, which re-render what they serve), without
+    loading and parsing each entry's subject and patch, which would cost as much as writing it.
+    OutOfRange as `watch`."""
+
+    async def headlines_after(cursor: int) -> list[Headline]:
+        rows = (
+            await ChangeEntry.filter(id__gt=cursor)
+            .order_by("id")
+            .limit(_READ_BATCH)
+            .values_list("id", "device_id", "change_type")
+        )
+        return [Headline(int(i), str(d), ChangeType(str(c))) for i, d, c in rows]
+
+    async for headline in _follow(notifier, "", poll_seconds, headlines_after):
+        yield headline
+
+
+class _HasId(Protocol):
+    @property
+    def id(self) -> int: ...
+
+
+Read = TypeVar("Read", bound=_HasId)
+
+
+async def _follow(
+    notifier: FeedNotifier,
+    after_cursor: str,
+    poll_seconds: float,
+    read_after: Callable[[int], Awaitable[Sequence[Read]]],
+) -> AsyncIterator[Read]:
+    """What `read_after(cursor)` reads in batches of up to _READ_BATCH, one after the other,
+    for ever: reading again when woken (or every `poll_seconds`) once caught up."""
     cursor = await latest_cursor() if after_cursor == "" else parse_cursor(after_cursor)
     while True:
         woken = notifier.waiter()
@@ -236,11 +291,10 @@ async def watch(
                 f"cursor {cursor} is older than the retained change feed; "
                 "re-read the twins and watch from the current end"
             )
-        batch = await ChangeEntry.filter(id__gt=cursor).order_by("id").limit(_READ_BATCH)
-        for entry in batch:
-            cursor = entry.id
-            if matches(selector, subject_from_json(entry.subject)):
-                yield entry
+        batch = await read_after(cursor)
+        for item in batch:
+            cursor = item.id
+            yield item
         if len(batch) < _READ_BATCH:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(woken.wait(), poll_seconds)

@@ -21,7 +21,6 @@ from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier
 from twin.errors import OutOfRange
 from twin.pipe_observations import PipeObservation, Renderer
-from twin.selectors import Selector
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +113,15 @@ async def push_changes_forever(notifier: FeedNotifier, observers: DeviceObserver
     """Follow the change feed from its current end and notify the affected observers."""
     while True:
         try:
-            async for entry in change_feed.watch(notifier, Selector(), ""):
-                change = ChangeType(entry.change_type)
+            async for headline in change_feed.headlines(notifier):
+                change = headline.change_type
                 if change == ChangeType.DEVICE_DECOMMISSIONED:
                     # Its certificate must stop working here at once, not when cached
                     # identities expire; the re-render then refuses the observers.
-                    forget_device(entry.device_id)
+                    forget_device(headline.device_id)
                 affected = _AFFECTED.get(change)
                 if affected:
-                    observers.notify(entry.device_id, affected)
+                    observers.notify(headline.device_id, affected)
         except OutOfRange:
             # The feed was trimmed under us: whatever happened, re-render everything.
             observers.notify_all()
