@@ -47,24 +47,42 @@ from twin.device_payloads import (
 )
 from twin.dimming_schedule import parse_schedule, resolve_schedule
 from twin.errors import FailedPrecondition, InvalidArgument
-from twin.group_commits import GroupCommitter
+from twin.grouped_calls import GroupedCalls
 from twin.liveness_store import Liveness
 from twin.registry import get_device
-from twin.report_commits import Report
+from twin.report_commits import Report, report_committer
 from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
 from twin.telemetry_store import telemetry_report
-from twin.twin_store import TwinView, get_twin
+from twin.twin_store import TwinView, get_twin, read_twins
+
+# Twins read per query for notifications and GETs of observable documents.
+_MAX_TWIN_READS = 500
 
 
 @dataclass
 class DeviceSide:
-    """What the device resources share: the feed notifier, the observations, liveness, and
-    the committer their reports queue up in."""
+    """What the device resources share: the feed notifier, the observations, liveness, the
+    group commit their reports queue up in, and the grouped reads of observed twins (a change
+    for a thousand lamps notifies a thousand observers at once)."""
 
     notifier: FeedNotifier
     observers: DeviceObservers
     liveness: Liveness
-    reports: GroupCommitter[Report, TwinView]
+    reports: GroupedCalls[Report, TwinView]
+    twins: GroupedCalls[str, TwinView]
+
+    @classmethod
+    def create(
+        cls, notifier: FeedNotifier, observers: DeviceObservers, liveness: Liveness
+    ) -> DeviceSide:
+        """The device side with its grouped calls (close() them when the CoAP side stops)."""
+        twins = GroupedCalls(read_twins, max_group=_MAX_TWIN_READS, name="observed twin reads")
+        return cls(notifier, observers, liveness, report_committer(notifier), twins)
+
+    async def close(self) -> None:
+        """Wait for the reports and reads still queued."""
+        await self.reports.close()
+        await self.twins.close()
 
     async def device(self, request: aiocoap.Message, *, seen: bool = True) -> DeviceIdentity:
         """The device whose certificate the request's connection presented; `seen` records
@@ -132,7 +150,7 @@ class ReportedState(BoundedResource):
         content_format = require_content_format(request, JSON, CBOR)
         patch = decode_patch(request.payload, content_format)
         identity = await self.side.device(request)
-        twin = await self.side.reports.commit(
+        twin = await self.side.reports.call(
             Report(identity.device_id, patch, device_principal(identity.device_id))
         )
         response = aiocoap.Message(code=Code.CHANGED)
@@ -178,7 +196,7 @@ class _ObservedDocument(BoundedResource):
         # request (Observe: 0), which render_to_pipe counted as a sign of life: pushing to a
         # device is not hearing from it.
         identity = await self.side.device(request, seen=request.opt.observe != 0)
-        twin = await get_twin(identity.device_id, device_principal(identity.device_id))
+        twin = await self.side.twins.call(identity.device_id)
         return _answer(type(self).view(twin), request, content_format, self.etag(twin))
 
     def etag(self, twin: TwinView) -> bytes | None:
@@ -242,7 +260,7 @@ class Telemetry(BoundedResource):
         except SenmlError as bad:
             raise InvalidArgument(f"body is not valid SenML: {bad}") from None
         identity = await self.side.device(request)
-        twin = await self.side.reports.commit(
+        twin = await self.side.reports.call(
             telemetry_report(identity.device_id, measurements, device_principal(identity.device_id))
         )
         response = aiocoap.Message(code=Code.CHANGED)

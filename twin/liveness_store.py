@@ -5,7 +5,7 @@ silent devices offline. Both transitions are change-feed events.
 would double the writes of a reporting fleet, so each replica writes it at most every
 `WRITE_EVERY_SECONDS` per device; an offline device coming back is always written at once.
 The writes of devices heard from at the same time (a district reconnecting) share
-transactions (group commit, see group_commits.py).
+transactions (group commit, see grouped_calls.py).
 `sweep` runs on every replica: the offline transition is a conditional update, so when two
 replicas sweep together only one records it.
 """
@@ -21,7 +21,7 @@ from tortoise.transactions import in_transaction
 
 from twin import change_feed
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
-from twin.group_commits import GroupCommitter
+from twin.grouped_calls import GroupedCalls
 from twin.liveness import check_tolerance, silent_since
 from twin.models import Device, Twin
 from twin.profile_store import get_profile
@@ -33,7 +33,7 @@ WRITE_EVERY_SECONDS = 5.0
 _TRACKED_LIMIT = 200_000
 
 
-# Signs of life written per transaction at most (group commit, see group_commits.py).
+# Signs of life written per transaction at most (group commit, see grouped_calls.py).
 _MAX_GROUP = 200
 
 
@@ -47,7 +47,7 @@ class Liveness:
         # device id -> monotonic time this replica last wrote its last_seen_at
         self._written: dict[str, float] = {}
         # A storm of reconnecting devices makes one write each: they share transactions.
-        self._writes: GroupCommitter[str, None] = GroupCommitter(
+        self._writes: GroupedCalls[str, None] = GroupedCalls(
             self._record_seen, max_group=_MAX_GROUP, name="liveness writes"
         )
 
@@ -60,7 +60,7 @@ class Liveness:
         if len(self._written) >= _TRACKED_LIMIT:
             self._written.clear()
         self._written[device_id] = tick
-        await self._writes.commit(device_id)
+        await self._writes.call(device_id)
 
     async def close(self) -> None:
         """Wait until every queued sign of life has been written."""

@@ -2,7 +2,7 @@
 status and alarms they change, many reports per transaction.
 
 The device side queues its reports in one `report_committer` per process (group commit, see
-group_commits.py): one read of the devices, one locking read of their twins, one read of
+grouped_calls.py): one read of the devices, one locking read of their twins, one read of
 their active alarms, one feed insert and one commit for the whole group. A report still waits
 for its commit before the device gets its 2.04, and the reports of one process are applied
 in the order they were queued.
@@ -27,7 +27,7 @@ from twin.access import Principal
 from twin.alarm_store import active_alarms, apply_report
 from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.errors import CitytwinError, FailedPrecondition, NotFound, VersionConflict
-from twin.group_commits import GroupCommitter
+from twin.grouped_calls import GroupedCalls
 from twin.merge_patch import Document
 from twin.metadata import drop_superseded
 from twin.models import Alarm, Device, TelemetrySample, Twin
@@ -205,9 +205,9 @@ async def _apply(
     return view_of_twin(row)
 
 
-def report_committer(notifier: FeedNotifier) -> GroupCommitter[Report, TwinView]:
+def report_committer(notifier: FeedNotifier) -> GroupedCalls[Report, TwinView]:
     """The committer a process's device side queues its reports in."""
-    return GroupCommitter(
+    return GroupedCalls(
         functools.partial(commit_reports, notifier=notifier),
         max_group=MAX_GROUP,
         name="report commits",

@@ -58,7 +58,6 @@ from twin.grpc_api.profiles import ProfileServicer
 from twin.grpc_api.twins import TwinServicer
 from twin.liveness_store import Liveness
 from twin.reconciler import renotify_due
-from twin.report_commits import report_committer
 from twin.settings import Settings
 from twin.telemetry_store import trim_telemetry
 
@@ -226,10 +225,9 @@ async def serve(settings: Settings) -> None:
         observers = DeviceObservers()
         liveness = Liveness(notifier, settings.offline_tolerance)
         running.push_async_callback(liveness.close)
-        reports = report_committer(notifier)
+        side = DeviceSide.create(notifier, observers, liveness)
         # Stopped after the CoAP side (so no report comes in), before the database closes.
-        running.push_async_callback(reports.close)
-        side = DeviceSide(notifier, observers, liveness, reports)
+        running.push_async_callback(side.close)
         site = build_coap_site(enroller, settings, side, public_key_pem(manifest_key))
         coap, tls = await start_coap(settings, site, ca)
         running.push_async_callback(coap.shutdown)

@@ -25,6 +25,7 @@ from twin.dimming_schedule import parse_schedule
 from twin.errors import (
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PayloadTooLarge,
     ProfileViolation,
     VersionConflict,
@@ -89,6 +90,20 @@ async def get_twin(device_id: str, principal: Principal) -> TwinView:
     """The twin of one device within the caller's scope."""
     await get_device(device_id, principal)
     return view_of_twin(await Twin.get(device_id=device_id))
+
+
+async def read_twins(device_ids: Sequence[str]) -> list[TwinView | Exception]:
+    """The twins of `device_ids`, in one query, for the devices themselves (whose scope is
+    their own twin, so there is nothing to check but existence): each a TwinView, or NotFound
+    for a device that has none. Devices read these through GroupedCalls (notifications to
+    many observers at once, see device_resources.py)."""
+    rows = {row.device_id: row for row in await Twin.filter(device_id__in=sorted(set(device_ids)))}
+    return [
+        view_of_twin(rows[device_id])
+        if device_id in rows
+        else NotFound(f"device {device_id!r} does not exist")
+        for device_id in device_ids
+    ]
 
 
 def apply_to_row(

@@ -1,4 +1,4 @@
-"""Group commit (twin/group_commits.py): how writes are grouped, answered and isolated, with a
+"""Group commit (twin/grouped_calls.py): how writes are grouped, answered and isolated, with a
 stand-in for the database."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from twin.errors import InvalidArgument
-from twin.group_commits import GroupCommitter
+from twin.grouped_calls import GroupedCalls
 
 
 class FakeDatabase:
@@ -37,18 +37,18 @@ class FakeDatabase:
         return outcomes
 
 
-def committer(database: FakeDatabase, max_group: int = 100) -> GroupCommitter[int, int]:
-    return GroupCommitter(database.commit, max_group=max_group, name="test commits")
+def committer(database: FakeDatabase, max_group: int = 100) -> GroupedCalls[int, int]:
+    return GroupedCalls(database.commit, max_group=max_group, name="test commits")
 
 
 async def test_writes_arriving_during_a_commit_share_the_next_one() -> None:
     database = FakeDatabase()
     writes = committer(database)
     database.release.clear()
-    first = asyncio.create_task(writes.commit(1))
+    first = asyncio.create_task(writes.call(1))
     await asyncio.sleep(0)
     await asyncio.sleep(0)  # the first group (just 1) is now committing
-    rest = [asyncio.create_task(writes.commit(n)) for n in range(2, 8)]
+    rest = [asyncio.create_task(writes.call(n)) for n in range(2, 8)]
     await asyncio.sleep(0)
     database.release.set()
     results = await asyncio.gather(first, *rest)
@@ -61,7 +61,7 @@ async def test_groups_are_bounded_and_keep_the_order() -> None:
     database = FakeDatabase()
     writes = committer(database, max_group=3)
     database.release.clear()
-    tasks = [asyncio.create_task(writes.commit(n)) for n in range(1, 9)]
+    tasks = [asyncio.create_task(writes.call(n)) for n in range(1, 9)]
     await asyncio.sleep(0)
     database.release.set()
     await asyncio.gather(*tasks)
@@ -73,7 +73,7 @@ async def test_groups_are_bounded_and_keep_the_order() -> None:
 async def test_a_refused_write_fails_alone() -> None:
     database = FakeDatabase()
     writes = committer(database)
-    outcomes = await asyncio.gather(*(writes.commit(n) for n in (1, -2, 3)), return_exceptions=True)
+    outcomes = await asyncio.gather(*(writes.call(n) for n in (1, -2, 3)), return_exceptions=True)
     assert outcomes[0] == 10 and outcomes[2] == 30
     assert isinstance(outcomes[1], InvalidArgument)
     assert database.committed == [1, 3]
@@ -83,7 +83,7 @@ async def test_a_failed_transaction_is_retried_write_by_write() -> None:
     database = FakeDatabase()
     writes = committer(database)
     outcomes = await asyncio.gather(
-        *(writes.commit(n) for n in (1, 2, 13, 4)), return_exceptions=True
+        *(writes.call(n) for n in (1, 2, 13, 4)), return_exceptions=True
     )
     assert isinstance(outcomes[2], RuntimeError)
     assert [outcomes[i] for i in (0, 1, 3)] == [10, 20, 40]
@@ -95,7 +95,7 @@ async def test_a_caller_that_goes_away_leaves_its_write_committed() -> None:
     database = FakeDatabase()
     writes = committer(database)
     database.release.clear()
-    caller = asyncio.create_task(writes.commit(1))
+    caller = asyncio.create_task(writes.call(1))
     await asyncio.sleep(0)
     caller.cancel()
     database.release.set()
@@ -109,7 +109,7 @@ async def test_stopping_the_committer_answers_everyone(started: bool) -> None:
     database = FakeDatabase()
     writes = committer(database)
     database.release.clear()
-    waiting = [asyncio.create_task(writes.commit(n)) for n in (1, 2)]
+    waiting = [asyncio.create_task(writes.call(n)) for n in (1, 2)]
     await asyncio.sleep(0)
     if started:
         await asyncio.sleep(0)
@@ -120,4 +120,4 @@ async def test_stopping_the_committer_answers_everyone(started: bool) -> None:
     assert database.groups == []
     # A later write starts afresh.
     database.release.set()
-    assert await writes.commit(3) == 30
+    assert await writes.call(3) == 30
