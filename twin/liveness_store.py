@@ -27,6 +27,7 @@ from twin.models import Device, Twin
 from twin.profile_store import get_profile
 from twin.registry import LifecycleState, view_of
 from twin.sync_store import updated_sync
+from twin.twin_store import lock_twins
 
 # Finer than any heartbeat interval (>= 10 s) times any tolerance (>= 1).
 WRITE_EVERY_SECONDS = 5.0
@@ -72,13 +73,7 @@ class Liveness:
         ids = sorted(set(device_ids))
         async with in_transaction() as conn:
             # Twins before devices, each in id order, as twin updates take them (no deadlock).
-            twins = {
-                twin.device_id: twin
-                for twin in await Twin.filter(device_id__in=ids)
-                .using_db(conn)
-                .select_for_update()
-                .order_by("device_id")
-            }
+            twins = await lock_twins(conn, ids)
             rows = [
                 row
                 for row in await Device.filter(id__in=ids)

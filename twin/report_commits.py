@@ -36,7 +36,7 @@ from twin.profiles import Profile, validate_patch
 from twin.reconciliation import Acknowledgement, split_acknowledgement
 from twin.registry import DeviceView, LifecycleState, set_lifecycle_state, view_of
 from twin.sync_store import ack_to_json, updated_sync
-from twin.twin_store import TwinView, apply_to_row, view_of_twin
+from twin.twin_store import TwinView, apply_to_row, lock_twins, view_of_twin
 
 # Reports per transaction at most: enough to share the fixed cost, few enough that the row
 # locks of one group are not held for long.
@@ -130,15 +130,7 @@ class _Group:
 async def _write(
     conn: BaseDBAsyncClient, checked: Sequence[_Checked], outcomes: list[Outcome | None]
 ) -> bool:
-    ids = sorted({item.device.id for item in checked})
-    # In device id order, as bulk desired updates lock them: two groups cannot deadlock.
-    rows = {
-        row.device_id: row
-        for row in await Twin.filter(device_id__in=ids)
-        .using_db(conn)
-        .select_for_update()
-        .order_by("device_id")
-    }
+    rows = await lock_twins(conn, [item.device.id for item in checked])
     alarms = await active_alarms(
         conn, sorted({item.device.id for item in checked if item.profile.fault_properties})
     )

@@ -9,7 +9,7 @@ metadata, bumps the version and appends the change-feed entry.
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -104,6 +104,19 @@ async def read_twins(device_ids: Sequence[str]) -> list[TwinView | Exception]:
         else NotFound(f"device {device_id!r} does not exist")
         for device_id in device_ids
     ]
+
+
+async def lock_twins(conn: BaseDBAsyncClient, device_ids: Collection[str]) -> dict[str, Twin]:
+    """The twins of `device_ids` by device id, locked for update in the transaction `conn`.
+    Every write that locks several twins (and any device rows after them) takes them this
+    way, in device id order, so two such transactions cannot deadlock."""
+    rows = (
+        await Twin.filter(device_id__in=sorted(set(device_ids)))
+        .using_db(conn)
+        .select_for_update()
+        .order_by("device_id")
+    )
+    return {row.device_id: row for row in rows}
 
 
 def apply_to_row(
@@ -254,12 +267,7 @@ async def _bulk_chunk(
     conn: BaseDBAsyncClient, devices: Sequence[DeviceView], patch: Document
 ) -> int:
     by_id = {d.id: d for d in devices}
-    rows = (
-        await Twin.filter(device_id__in=list(by_id))
-        .using_db(conn)
-        .select_for_update()
-        .order_by("device_id")
-    )
+    rows = (await lock_twins(conn, list(by_id))).values()
     now = datetime.now(UTC)
     entries: list[NewEntry] = []
     for row in rows:

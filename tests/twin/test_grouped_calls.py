@@ -1,4 +1,4 @@
-"""Group commit (twin/grouped_calls.py): how writes are grouped, answered and isolated, with a
+"""Grouped calls (twin/grouped_calls.py): how calls are grouped, answered and isolated, with a
 stand-in for the database."""
 
 from __future__ import annotations
