@@ -19,6 +19,7 @@ Every request a device makes counts as a sign of life (liveness_store.py).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,7 +47,7 @@ from twin.device_payloads import (
     etag_of,
 )
 from twin.dimming_schedule import parse_schedule, resolve_schedule
-from twin.errors import FailedPrecondition, InvalidArgument
+from twin.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from twin.grouped_calls import GroupedCalls
 from twin.liveness_store import Liveness
 from twin.registry import get_device
@@ -54,6 +55,7 @@ from twin.report_commits import Report, report_committer
 from twin.senml import SENML_CBOR, SENML_JSON, SenmlError, decode_pack
 from twin.telemetry_store import telemetry_report
 from twin.twin_store import TwinView, get_twin, read_twins
+from twin.write_rate_limits import WriteRateLimiter
 
 # Twins read per query for notifications and GETs of observable documents.
 _MAX_TWIN_READS = 500
@@ -62,32 +64,51 @@ _MAX_TWIN_READS = 500
 @dataclass
 class DeviceSide:
     """What the device resources share: the feed notifier, the observations, liveness, the
-    group commit their reports queue up in, and the grouped reads of observed twins (a change
-    for a thousand lamps notifies a thousand observers at once)."""
+    group commit their reports queue up in, the grouped reads of observed twins (a change for
+    a thousand lamps notifies a thousand observers at once), and how often a device may
+    write."""
 
     notifier: FeedNotifier
     observers: DeviceObservers
     liveness: Liveness
     reports: GroupedCalls[Report, TwinView]
     twins: GroupedCalls[str, TwinView]
+    write_limits: WriteRateLimiter
 
     @classmethod
     def create(
-        cls, notifier: FeedNotifier, observers: DeviceObservers, liveness: Liveness
+        cls,
+        notifier: FeedNotifier,
+        observers: DeviceObservers,
+        liveness: Liveness,
+        write_limits: WriteRateLimiter,
     ) -> DeviceSide:
         """The device side with its grouped calls (close() them when the CoAP side stops)."""
         twins = GroupedCalls(read_twins, max_group=_MAX_TWIN_READS, name="observed twin reads")
-        return cls(notifier, observers, liveness, report_committer(notifier), twins)
+        return cls(notifier, observers, liveness, report_committer(notifier), twins, write_limits)
 
     async def close(self) -> None:
         """Wait for the reports and reads still queued."""
         await self.reports.close()
         await self.twins.close()
 
-    async def device(self, request: aiocoap.Message, *, seen: bool = True) -> DeviceIdentity:
+    async def device(
+        self, request: aiocoap.Message, *, seen: bool = True, writes: bool = False
+    ) -> DeviceIdentity:
         """The device whose certificate the request's connection presented; `seen` records
-        it as alive (not for renders the server itself triggers)."""
+        it as alive (not for renders the server itself triggers); `writes` counts the
+        request against the device's write rate (ResourceExhausted beyond it, before any
+        database work)."""
         identity = await identify_device(peer_certificate(request))
+        if writes:
+            limits = self.write_limits
+            wait = limits.take(identity.device_id, time.monotonic())
+            if wait:
+                raise ResourceExhausted(
+                    f"device {identity.device_id} writes more than {limits.per_minute:g} times"
+                    f" a minute (bursts of {limits.burst}); retry in {wait} s",
+                    wait,
+                )
         if seen:
             await self.liveness.seen(identity.device_id)
         return identity
@@ -149,7 +170,7 @@ class ReportedState(BoundedResource):
         """Apply the report; 2.04 once committed, with the twin's new version as ETag."""
         content_format = require_content_format(request, JSON, CBOR)
         patch = decode_patch(request.payload, content_format)
-        identity = await self.side.device(request)
+        identity = await self.side.device(request, writes=True)
         twin = await self.side.reports.call(
             Report(identity.device_id, patch, device_principal(identity.device_id))
         )
@@ -259,7 +280,7 @@ class Telemetry(BoundedResource):
             measurements = decode_pack(request.payload, content_format, now=datetime.now(UTC))
         except SenmlError as bad:
             raise InvalidArgument(f"body is not valid SenML: {bad}") from None
-        identity = await self.side.device(request)
+        identity = await self.side.device(request, writes=True)
         twin = await self.side.reports.call(
             telemetry_report(identity.device_id, measurements, device_principal(identity.device_id))
         )
@@ -317,7 +338,7 @@ class Heartbeat(BoundedResource):
 
     async def render_post(self, request: aiocoap.Message) -> aiocoap.Message:
         """Record the device as seen."""
-        await self.side.device(request)
+        await self.side.device(request, writes=True)
         return aiocoap.Message(code=Code.CHANGED)
 
 

@@ -19,6 +19,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
+from twin.errors import ResourceExhausted
+
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -32,10 +34,21 @@ class GroupedCalls(Generic[Item, Result]):
     """Queues items of one kind and calls for them in groups (see the module docstring), in
     the order they were queued."""
 
-    def __init__(self, group_call: GroupCall[Item, Result], *, max_group: int, name: str) -> None:
+    def __init__(
+        self,
+        group_call: GroupCall[Item, Result],
+        *,
+        max_group: int,
+        name: str,
+        max_queued: int | None = None,
+    ) -> None:
         if max_group < 1:
             raise ValueError(f"max_group must be at least 1, not {max_group}")
         self.max_group = max_group
+        # Beyond it a call is refused (ResourceExhausted, retry in a second) rather than
+        # queued: backpressure when callers outrun the database. None: callers are bounded
+        # otherwise (such as one read per observation).
+        self.max_queued = max_queued
         self.name = name
         self._group_call = group_call
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
@@ -45,6 +58,8 @@ class GroupedCalls(Generic[Item, Result]):
     async def call(self, item: Item) -> Result:
         """The result for `item` (called for with others queued alongside); raises what
         refused it."""
+        if self.max_queued is not None and len(self._queue) >= self.max_queued:
+            raise ResourceExhausted(f"{self.max_queued} {self.name} are waiting; retry in 1 s", 1)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._worker is None or self._worker.done():

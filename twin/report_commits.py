@@ -41,6 +41,8 @@ from twin.twin_store import TwinView, apply_to_row, lock_twins, view_of_twin
 # Reports per transaction at most: enough to share the fixed cost, few enough that the row
 # locks of one group are not held for long.
 MAX_GROUP = 100
+# Reports waiting at most; more are refused with 4.29 (a second's worth of a busy server).
+MAX_QUEUED = 2_000
 
 
 @dataclass(frozen=True)
@@ -203,4 +205,5 @@ def report_committer(notifier: FeedNotifier) -> GroupedCalls[Report, TwinView]:
         functools.partial(commit_reports, notifier=notifier),
         max_group=MAX_GROUP,
         name="report commits",
+        max_queued=MAX_QUEUED,
     )

@@ -60,6 +60,7 @@ from twin.liveness_store import Liveness
 from twin.reconciler import renotify_due
 from twin.settings import Settings
 from twin.telemetry_store import trim_telemetry
+from twin.write_rate_limits import WriteRateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,10 @@ async def serve(settings: Settings) -> None:
         observers = DeviceObservers()
         liveness = Liveness(notifier, settings.offline_tolerance)
         running.push_async_callback(liveness.close)
-        side = DeviceSide.create(notifier, observers, liveness)
+        write_limits = WriteRateLimiter(
+            settings.device_writes_per_minute, settings.device_write_burst
+        )
+        side = DeviceSide.create(notifier, observers, liveness, write_limits)
         # Stopped after the CoAP side (so no report comes in), before the database closes.
         running.push_async_callback(side.close)
         site = build_coap_site(enroller, settings, side, public_key_pem(manifest_key))

@@ -47,6 +47,10 @@ class Settings:
     offline_tolerance: float = 2.5
     liveness_sweep_seconds: float = 5.0
     telemetry_retention_seconds: int = 30 * 24 * 3600
+    # Writes (reports, telemetry, heartbeats) one device may make: a burst, then this many a
+    # minute (0: no limit). See write_rate_limits.py.
+    device_writes_per_minute: float = 300.0
+    device_write_burst: int = 60
     # The city's time zone: local days for dimming plans.
     time_zone: ZoneInfo = field(default_factory=lambda: ZoneInfo("UTC"))
     # Firmware: the largest image accepted, and how often campaigns are driven.
@@ -128,6 +132,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         telemetry_retention_seconds=int(
             _number(env, "CITYTWIN_TELEMETRY_RETENTION", 30 * 24 * 3600)
         ),
+        device_writes_per_minute=_number(env, "CITYTWIN_DEVICE_WRITES_PER_MINUTE", 300.0),
+        device_write_burst=max(1, int(_number(env, "CITYTWIN_DEVICE_WRITE_BURST", 60))),
         max_artifact_bytes=int(_number(env, "CITYTWIN_MAX_ARTIFACT_BYTES", 16 * 1024 * 1024)),
         campaign_pass_seconds=max(0.05, _number(env, "CITYTWIN_CAMPAIGN_PASS", 1.0)),
         campaign_lease_seconds=max(1.0, _number(env, "CITYTWIN_CAMPAIGN_LEASE", 30.0)),
