@@ -33,7 +33,7 @@ from twin.errors import (
     NotFound,
     ResourceExhausted,
 )
-from twin.page_tokens import decode_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_page_token, page_size, split_page
 
 # Stored chunk size: a multiple of every CoAP block size (16..1024), so a block never spans
 # two chunks, and large enough that a 256 KiB image is four rows.
@@ -103,10 +103,8 @@ async def list_release_keys(requested_size: int, token: str) -> tuple[list[Store
     size = page_size(requested_size)
     after = decode_page_token(token, "release-keys")
     rows = await ReleaseKeyRecord.filter(key_id__gt=after).order_by("key_id").limit(size + 1)
-    more = len(rows) > size
-    rows = rows[:size]
-    next_token = encode_page_token(rows[-1].key_id, "release-keys") if more else ""
-    return [_stored_key(r) for r in rows], next_token
+    page, next_token = split_page(rows, size, lambda r: r.key_id, "release-keys")
+    return [_stored_key(r) for r in page], next_token
 
 
 async def delete_release_key(key_id: str) -> None:
@@ -231,14 +229,10 @@ async def list_artifacts(requested_size: int, token: str) -> tuple[list[Artifact
         at = datetime.fromisoformat(created)
         query = query.filter(created_at__lte=at).exclude(created_at=at, sha256__gte=sha)
     rows = await query.limit(size + 1)
-    more = len(rows) > size
-    rows = rows[:size]
-    next_token = (
-        encode_page_token(f"{rows[-1].created_at.isoformat()}/{rows[-1].sha256}", "artifacts")
-        if more
-        else ""
+    page, next_token = split_page(
+        rows, size, lambda r: f"{r.created_at.isoformat()}/{r.sha256}", "artifacts"
     )
-    return [_view(r) for r in rows], next_token
+    return [_view(r) for r in page], next_token
 
 
 async def delete_artifact(sha256: str) -> None:

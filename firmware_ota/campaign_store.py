@@ -30,7 +30,7 @@ from firmware_ota.models import Artifact, Campaign, CampaignEvent, Execution
 from firmware_ota.rollout_waves import shuffled, wave_of, wave_targets
 from twin.access import Principal
 from twin.errors import FailedPrecondition, InvalidArgument, NotFound
-from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_numeric_page_token, page_size, split_page
 from twin.registry import LifecycleState, scan_devices
 from twin.selectors import parse_selector
 
@@ -214,10 +214,8 @@ async def list_campaigns(requested_size: int, token: str) -> tuple[list[Campaign
     if before is not None:
         query = query.filter(id__lt=before)
     rows = await query.limit(size + 1)
-    more = len(rows) > size
-    rows = rows[:size]
-    next_token = encode_page_token(str(rows[-1].id), "campaigns") if more else ""
-    return [_view(r) for r in rows], next_token
+    page, next_token = split_page(rows, size, lambda r: str(r.id), "campaigns")
+    return [_view(r) for r in page], next_token
 
 
 async def _transition(
@@ -461,10 +459,8 @@ async def list_executions(
     if after is not None:
         query = query.filter(position__gt=after)
     rows = await query.limit(size + 1)
-    more = len(rows) > size
-    rows = rows[:size]
-    next_token = encode_page_token(str(rows[-1].position), fingerprint) if more else ""
-    return [execution_view(r) for r in rows], next_token
+    page, next_token = split_page(rows, size, lambda r: str(r.position), fingerprint)
+    return [execution_view(r) for r in page], next_token
 
 
 async def list_events(
@@ -480,10 +476,8 @@ async def list_events(
     if after is not None:
         query = query.filter(id__gt=after)
     rows = await query.limit(size + 1)
-    more = len(rows) > size
-    rows = rows[:size]
-    next_token = encode_page_token(str(rows[-1].id), fingerprint) if more else ""
-    return [EventView(r.at, r.action, r.actor, r.detail) for r in rows], next_token
+    page, next_token = split_page(rows, size, lambda r: str(r.id), fingerprint)
+    return [EventView(r.at, r.action, r.actor, r.detail) for r in page], next_token
 
 
 async def assigned_to(device_id: str, sha256: str) -> bool:

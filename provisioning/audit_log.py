@@ -10,7 +10,7 @@ from enum import StrEnum
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from provisioning.models import AuditEvent
-from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_numeric_page_token, page_size, split_page
 
 
 class Action(StrEnum):
@@ -88,7 +88,7 @@ async def list_events(
         query = query.filter(device_id=device_id)
     if after is not None:
         query = query.filter(id__lt=after)
-    rows = await query
+    rows, next_token = split_page(await query, size, lambda r: str(r.id), device_id)
     page = [
         AuditEntry(
             id=r.id,
@@ -101,7 +101,6 @@ async def list_events(
             source=r.source,
             detail=r.detail,
         )
-        for r in rows[:size]
+        for r in rows
     ]
-    next_token = encode_page_token(str(page[-1].id), device_id) if len(rows) > size else ""
     return page, next_token

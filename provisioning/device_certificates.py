@@ -26,7 +26,7 @@ from provisioning.models import DeviceCertificate
 from twin.access import Principal
 from twin.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from twin.models import Device
-from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_numeric_page_token, page_size, split_page
 from twin.registry import LifecycleState, view_of
 
 CACHE_SECONDS = 2.0
@@ -161,8 +161,7 @@ async def list_certificates(
         query = query.filter(id__lt=after)
     rows = await query
     now = datetime.now(UTC)
-    page = rows[:size]
-    next_token = encode_page_token(str(page[-1].id), device_id) if len(rows) > size else ""
+    page, next_token = split_page(rows, size, lambda r: str(r.id), device_id)
     return [_view(r, now) for r in page], next_token
 
 

@@ -25,7 +25,7 @@ from provisioning.audit_log import Action, Actor
 from provisioning.certificate_authority import der_fingerprint
 from provisioning.models import EnrollmentGroup
 from twin.errors import AlreadyExists, InvalidArgument, NotFound
-from twin.page_tokens import decode_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_page_token, page_size, split_page
 
 GROUP_ID = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _MAX_PEM_BYTES = 16 * 1024
@@ -123,8 +123,7 @@ async def list_groups(requested_size: int, token: str) -> tuple[list[GroupView],
     size = page_size(requested_size)
     after = decode_page_token(token, "")
     rows = await EnrollmentGroup.filter(id__gt=after).order_by("id").limit(size + 1)
-    page = rows[:size]
-    next_token = encode_page_token(page[-1].id, "") if len(rows) > size else ""
+    page, next_token = split_page(rows, size, lambda r: r.id, "")
     return [_view(r) for r in page], next_token
 
 

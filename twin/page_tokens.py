@@ -9,8 +9,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from twin.errors import InvalidArgument
+
+Row = TypeVar("Row")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -55,3 +59,14 @@ def decode_numeric_page_token(token: str, filter_text: str) -> int | None:
     if not after.isdigit():
         raise InvalidArgument("page_token is malformed")
     return int(after)
+
+
+def split_page(
+    rows: Sequence[Row], size: int, key: Callable[[Row], str], filter_text: str
+) -> tuple[list[Row], str]:
+    """The page in `rows`, read with a limit of `size` + 1 (the one more tells whether a next
+    page exists), and the token continuing after its last row, `key` being what the next read
+    continues after ("" when this is the last page)."""
+    page = list(rows[:size])
+    more = len(rows) > size
+    return page, encode_page_token(key(page[-1]), filter_text) if more else ""

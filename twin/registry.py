@@ -23,7 +23,7 @@ from twin.change_feed import ChangeType, FeedNotifier, NewEntry
 from twin.delta import has_delta
 from twin.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from twin.models import Device, Twin
-from twin.page_tokens import decode_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_page_token, page_size, split_page
 from twin.profile_store import get_profile
 from twin.selectors import KINDS, Selector, Subject, matches
 from twin.sync_store import sync_state_of
@@ -293,9 +293,7 @@ async def page_of_devices(
     after = decode_page_token(token, filter_text)
     scope = selector.combine(principal.scope)
     found = [pair async for pair in scan_devices(scope, after, limit=size + 1)]
-    page = found[:size]
-    next_token = encode_page_token(page[-1][0].id, filter_text) if len(found) > size else ""
-    return page, next_token
+    return split_page(found, size, lambda pair: pair[0].id, filter_text)
 
 
 async def list_devices(

@@ -22,7 +22,7 @@ from twin.errors import InvalidArgument
 from twin.merge_patch import Document
 from twin.metadata import format_timestamp
 from twin.models import TelemetrySample
-from twin.page_tokens import decode_numeric_page_token, encode_page_token, page_size
+from twin.page_tokens import decode_numeric_page_token, page_size, split_page
 from twin.registry import get_device, scan_devices
 from twin.report_commits import Report
 from twin.selectors import Selector
@@ -124,7 +124,9 @@ async def read_telemetry(
         if last is None:
             raise InvalidArgument("page_token refers to a sample that is gone")
         query = query.filter(Q(at__gt=last.at) | Q(at=last.at, id__gt=after))
-    rows = await query.order_by("at", "id").limit(size + 1)
+    rows, next_token = split_page(
+        await query.order_by("at", "id").limit(size + 1), size, lambda r: str(r.id), filter_text
+    )
     page = [
         Sample(
             id=r.id,
@@ -133,9 +135,8 @@ async def read_telemetry(
             value=r.number if r.number is not None else (r.text if r.text is not None else r.flag),
             unit=r.unit,
         )
-        for r in rows[:size]
+        for r in rows
     ]
-    next_token = encode_page_token(str(page[-1].id), filter_text) if len(rows) > size else ""
     return page, next_token
 
 
