@@ -7,13 +7,21 @@ CITYTWIN_TEST_PG holds a DSN (each server gets a fresh database created from it)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
 import os
+import runpy
 import secrets
+import select
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -89,14 +97,135 @@ def new_database(backend: str, home: Path) -> Database:
 def run_cli(db: Database, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run `citytwin ARGS` against the database, as a separate process."""
     env = {**os.environ, "CITYTWIN_DB": db.url, "CITYTWIN_HOME": str(db.home)}
-    return subprocess.run(
-        [sys.executable, "-m", "twin", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=60,
-    )
+    return citytwin_process(args, env, check=check)
+
+
+# `citytwin` commands run as processes of their own, as people and scripts run them. A fresh
+# interpreter spends a second (more on a busy machine) importing the service before it does
+# anything, so each test worker keeps one process that has imported it all once (a zygote),
+# and every command is a child forked from it: a separate process with the environment,
+# arguments, working directory, standard streams and exit status it would have under
+# `python -m twin`, running that same `__main__` (only the interpreter's own start-up settings,
+# PYTHON* variables, are the worker's). CITYTWIN_TEST_CLI_SPAWN=1 starts each command as a
+# fresh interpreter instead.
+_ZYGOTE_MAIN = "import sys; sys.path[:0] = sys.argv[1:]; import tests.conftest as c; c._zygote()"
+
+
+def _zygote() -> None:
+    """The zygote's loop: one JSON request a line in, the child's pid and then its exit
+    status a line each out; ends with its standard input."""
+    import twin.cli.main  # noqa: F401  (imported once, here, for every child)
+
+    requests, replies = sys.stdin.buffer, sys.stdout
+    while line := requests.readline():
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            _run_citytwin(**request)
+        print(pid, file=replies, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), file=replies, flush=True)
+
+
+def _run_citytwin(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    """In a forked child: `python -m twin ARGV` in `cwd` with `env`, output to `out`, `err`."""
+    code = 1
+    try:
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["twin", *argv]
+        try:
+            runpy.run_module("twin", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            # As the interpreter does: None is 0, a number is the status, anything else is
+            # printed and means 1.
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = int(exit_.code or 0)
+            else:
+                print(exit_.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+class _Zygote:
+    """This test worker's zygote, started on first use; one command at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _reply(self, deadline: float | None = None) -> int | None:
+        assert self._process and self._process.stdout
+        pipe = self._process.stdout
+        if deadline is not None:
+            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+        line = pipe.readline()
+        if not line:
+            raise RuntimeError("the citytwin zygote died")
+        return int(line)
+
+    def run(self, argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str]:
+        with self._lock, tempfile.TemporaryDirectory(prefix="citytwin-cli-") as directory:
+            if self._process is None or self._process.poll() is not None:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-c", _ZYGOTE_MAIN, *sys.path],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    bufsize=0,
+                )
+            assert self._process.stdin
+            out, err = Path(directory, "stdout"), Path(directory, "stderr")
+            request = {"argv": argv, "env": env, "cwd": os.getcwd(), "out": str(out)}
+            request["err"] = str(err)
+            self._process.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = self._reply()
+            assert pid is not None
+            code = self._reply(time.monotonic() + timeout)
+            if code is None:
+                os.kill(pid, signal.SIGKILL)
+                self._reply()
+                raise subprocess.TimeoutExpired(
+                    [sys.executable, "-m", "twin", *argv],
+                    timeout,
+                    output=out.read_text(),
+                    stderr=err.read_text(),
+                )
+            return code, out.read_text(), err.read_text()
+
+
+_zygote_of_this_worker = _Zygote()
+
+
+def citytwin_process(
+    args: tuple[str, ...] | list[str],
+    env: dict[str, str],
+    check: bool = False,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`python -m twin ARGS` with exactly `env`, as a separate process; like subprocess.run
+    with capture_output=True and text=True."""
+    command = [sys.executable, "-m", "twin", *args]
+    if os.environ.get("CITYTWIN_TEST_CLI_SPAWN"):
+        return subprocess.run(
+            command, env=env, capture_output=True, text=True, check=check, timeout=timeout
+        )
+    code, out, err = _zygote_of_this_worker.run(list(args), dict(env), timeout)
+    result = subprocess.CompletedProcess(command, code, out, err)
+    if check:
+        result.check_returncode()
+    return result
 
 
 @dataclass
@@ -218,6 +347,14 @@ class Deployment:
     def token(self, role: str, scope: str = "") -> str:
         return run_cli(self.db, "token", "create", "--role", role, "--scope", scope).stdout.strip()
 
+    @functools.cached_property
+    def trust(self) -> bytes:
+        """The fleet CA's certificates, PEM; read once, as no test changes a running
+        deployment's CA (importing one is tested on servers of their own)."""
+        from tests.coap_devices import fleet_trust
+
+        return fleet_trust(self.db)
+
 
 def _issue_tokens(db: Database) -> dict[str, str]:
     return {role: run_cli(db, "token", "create", "--role", role).stdout.strip() for role in ROLES}
@@ -266,9 +403,9 @@ def unique(prefix: str) -> str:
 @pytest.fixture
 def site(deployment: Deployment) -> Site:
     """The shared server, as devices see it."""
-    from tests.coap_devices import Site, fleet_trust
+    from tests.coap_devices import Site
 
-    return Site(deployment.server, deployment.api("admin"), fleet_trust(deployment.db))
+    return Site(deployment.server, deployment.api("admin"), deployment.trust)
 
 
 @pytest.fixture

@@ -55,9 +55,12 @@ class OtaDevice:
     misbehaviour: Misbehaviour = field(default_factory=Misbehaviour)
     blocks_fetched: list[int] = field(default_factory=list)
     jobs_done: list[tuple[str, int]] = field(default_factory=list)
+    # Set once the device has reported its version and observes its desired state.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Report the running version, then follow desired state until `stop`."""
+        self.ready.clear()
         async with coap_client(self.site.trust, self.cert, self.key) as context:
             await self.report(context, {"firmware": {"version": self.version, "state": "idle"}})
             observed = context.request(
@@ -66,6 +69,7 @@ class OtaDevice:
                 )
             )
             first = await asyncio.wait_for(observed.response, 15)
+            self.ready.set()
             queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             queue.put_nowait(cbor2.loads(first.payload))
 
@@ -182,12 +186,20 @@ async def ota_devices(
 
 
 @contextlib.asynccontextmanager
-async def running(devices: list[OtaDevice]) -> Any:
-    """Run devices for the duration of the block."""
+async def running(devices: list[OtaDevice], ready_within: float = 60.0) -> Any:
+    """Run devices for the duration of the block, which starts once every device has reported
+    its version and observes its desired state."""
     stop = asyncio.Event()
     tasks = [asyncio.create_task(d.run(stop)) for d in devices]
-    await asyncio.sleep(0.5)
     try:
+        deadline = asyncio.get_running_loop().time() + ready_within
+        while not all(d.ready.is_set() for d in devices):
+            for task in tasks:
+                if task.done():
+                    task.result()  # a device that failed to start raises here
+                    raise AssertionError("a device stopped before it was ready")
+            assert asyncio.get_running_loop().time() < deadline, "devices not ready in time"
+            await asyncio.sleep(0.02)
         yield devices
     finally:
         stop.set()

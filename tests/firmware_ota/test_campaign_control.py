@@ -4,6 +4,7 @@ rate limits, continuous campaigns and the watch stream."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import grpc
@@ -25,6 +26,19 @@ from tests.firmware_ota.test_campaigns_end_to_end import campaign, executions, u
 
 def _ids(devices: list[OtaDevice]) -> str:
     return f"id in ({','.join(d.device_id for d in devices)})"
+
+
+async def _rollback_of(site: Site, name: str, limit: float = 60.0) -> f.Campaign:
+    """The one campaign rolling back campaign `name`, once the driver has created it."""
+    deadline = time.monotonic() + limit
+    while True:
+        listed = site.api.call(site.api.campaigns.ListCampaigns, f.ListCampaignsRequest())
+        rollbacks = [c for c in listed.campaigns if c.rollback_of == name]
+        if rollbacks:
+            (rollback,) = rollbacks
+            return rollback
+        assert time.monotonic() < deadline, f"no rollback campaign of {name}"
+        await asyncio.sleep(0.1)
 
 
 def _action(site: Site, method: str, name: str) -> f.Campaign:
@@ -52,7 +66,12 @@ async def test_a_wave_waits_for_approval_then_the_campaign_completes(
         assert "approval" in waiting.state_reason
         assert [w.status for w in waiting.wave_status] == ["awaiting-approval", "pending"]
         await asyncio.sleep(1)
-        assert waiting.counts.pending == 2
+        # Still waiting after some passes of the driver: no device of the next wave started.
+        still = site.api.call(
+            site.api.campaigns.GetCampaign, f.GetCampaignRequest(name=started.name)
+        )
+        assert still.state == f.CAMPAIGN_STATE_PAUSED
+        assert waiting.counts.pending == still.counts.pending == 2
         _action(site, "ResumeCampaign", started.name)
         done = await until(site.api, started.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
     assert done.counts.succeeded == 3
@@ -208,8 +227,8 @@ async def test_a_wave_that_fails_with_rollback_rolls_the_updated_devices_back(
             waves=[f.Wave(percent=100, min_finished=2, on_failure=f.FAILURE_ACTION_ROLLBACK)],
         )
         aborted = await until(site.api, failing.name, lambda c: c.state == f.CAMPAIGN_STATE_ABORTED)
-        listed = site.api.call(site.api.campaigns.ListCampaigns, f.ListCampaignsRequest())
-        (rollback,) = (c for c in listed.campaigns if c.rollback_of == failing.name)
+        # The driver creates the rollback campaign just after committing the abort.
+        rollback = await _rollback_of(site, failing.name)
         await until(site.api, rollback.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
     assert "failed" in aborted.state_reason
     assert good[0].version == "1.0.0" and bad[0].version == "1.0.0"

@@ -46,7 +46,7 @@ async def until(api, name: str, done, limit: float = 60.0) -> f.Campaign:
             f"state {current.state}: {current.state_reason}; counts {current.counts}; "
             f"wave {current.current_wave} {[w.status for w in current.wave_status]}"
         )
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
 
 
 def executions(api, name: str) -> list[f.Execution]:

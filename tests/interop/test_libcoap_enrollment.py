@@ -20,11 +20,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -32,7 +30,7 @@ from cryptography.x509.oid import NameOID
 
 from citytwin.v1 import devices_pb2 as d
 from citytwin.v1 import provisioning_pb2 as p
-from tests.conftest import Api, Database, Server, run_cli, unique
+from tests.conftest import Api, Deployment, Server, unique
 
 COAP_CLIENT = "coap-client-openssl"
 OPENSSL = "openssl"
@@ -190,7 +188,7 @@ def tools() -> None:
 
 @dataclass
 class Fleet:
-    """A server of the test's own, the fleet CA chain as files, and an admin API."""
+    """A running server, the fleet CA chain as files, and an admin API."""
 
     server: Server
     api: Api
@@ -277,26 +275,22 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tools: None, fresh_db: Database, tmp_path: Path) -> Iterator[Fleet]:
-    """A server of the test's own and a device working directory holding its trust files."""
-    token = run_cli(fresh_db, "token", "create", "--role", "admin").stdout.strip()
+def fleet(tools: None, deployment: Deployment, tmp_path: Path) -> Fleet:
+    """The shared server (each test enrolls a device of its own) and a device working
+    directory holding its trust files."""
     workdir = tmp_path / "device"
     workdir.mkdir()
     chain, root_file, issuing_file = (workdir / f"{n}.pem" for n in ("chain", "root", "issuing"))
-    server = Server(fresh_db).start()
-    channel = grpc.insecure_channel(server.address)
-    try:
-        # The fleet CA is created by the server's first start, so it can only be shown now.
-        chain_pem = run_cli(fresh_db, "ca", "show", "--pem").stdout
-        issuing, root = x509.load_pem_x509_certificates(chain_pem.encode())
-        assert issuing.issuer == root.subject and root.issuer == root.subject
-        chain.write_text(chain_pem)
-        issuing_file.write_bytes(issuing.public_bytes(serialization.Encoding.PEM))
-        root_file.write_bytes(root.public_bytes(serialization.Encoding.PEM))
-        yield Fleet(server, Api(channel, token), workdir, chain, root_file, issuing_file)
-    finally:
-        channel.close()
-        server.stop()
+    # The fleet CA, created by the server's first start.
+    chain_pem = deployment.trust.decode()
+    issuing, root = x509.load_pem_x509_certificates(chain_pem.encode())
+    assert issuing.issuer == root.subject and root.issuer == root.subject
+    chain.write_text(chain_pem)
+    issuing_file.write_bytes(issuing.public_bytes(serialization.Encoding.PEM))
+    root_file.write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    return Fleet(
+        deployment.server, deployment.api("admin"), workdir, chain, root_file, issuing_file
+    )
 
 
 def _enrolled(fleet: Fleet, result: CoapResult) -> Path:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Database, Deployment, Server, run_cli, unique
+from tests.conftest import Database, Deployment, Server, citytwin_process, run_cli, unique
 from tests.twin.test_grpc_tls import service_issued_tls
 from twin.cli.api_client import device_name
 from twin.cli.twin_commands import build_patch
@@ -30,13 +29,7 @@ def citytwin(
     chosen = dep.tokens[role] if token is None else token
     if chosen:
         env["CITYTWIN_TOKEN"] = chosen
-    return subprocess.run(
-        [sys.executable, "-m", "twin", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return citytwin_process(args, env)
 
 
 def ok(result: subprocess.CompletedProcess[str]) -> str:
@@ -174,12 +167,7 @@ def test_tls_ca_verifies_the_server(fresh_db: Database, tmp_path: Path) -> None:
     ).start()
     try:
         connection = ["--address", server.address, "--token", token, "--tls-ca", str(trust)]
-        listed = subprocess.run(
-            [sys.executable, "-m", "twin", "devices", "list", "--json", *connection],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        listed = citytwin_process(["devices", "list", "--json", *connection], dict(os.environ))
         assert json_of(listed) == []
     finally:
         server.stop()

@@ -183,19 +183,28 @@ def test_oversize_and_malformed_patches(deployment: Deployment) -> None:
 def test_bulk_update_by_selector_on_1000_devices(deployment: Deployment) -> None:
     district = unique("north")
     api = deployment.api()
+    # Created 16 at a time (each call waited for in the end): the bulk update is the subject.
+    in_flight: list[grpc.Future] = []
     for i in range(1000):
-        api.call(
-            api.devices.CreateDevice,
-            d.CreateDeviceRequest(
-                device_id=f"{district}-{i:04d}",
-                device=d.Device(
-                    kind=d.LAMP,
-                    model="lamp-led-dimmable",
-                    serial_number=f"{district}-sn-{i}",
-                    labels={"district": district},
+        in_flight.append(
+            api.devices.CreateDevice.future(
+                d.CreateDeviceRequest(
+                    device_id=f"{district}-{i:04d}",
+                    device=d.Device(
+                        kind=d.LAMP,
+                        model="lamp-led-dimmable",
+                        serial_number=f"{district}-sn-{i}",
+                        labels={"district": district},
+                    ),
                 ),
-            ),
+                metadata=api.metadata,
+                timeout=60,
+            )
         )
+        if len(in_flight) == 16:
+            in_flight.pop(0).result()
+    for call in in_flight:
+        call.result()
     # 10 of them already have the value: matched but not changed.
     for i in range(10):
         desired(api, f"devices/{district}-{i:04d}", {"brightness": 40})
