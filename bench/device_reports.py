@@ -12,7 +12,9 @@ N}`, N changing every time) to `/twin/reported`, waits for the 2.04 and sends th
 connection (the TLS handshake is not what is measured here).
 
 citytwin answers 2.04 only once the report is committed (identity check, liveness, profile
-validation, twin row, change feed), one transaction per report. The bare server is a minimal
+validation, twin row, change feed), the reports that arrive together sharing a transaction
+(group commit, twin/grouped_calls.py); the device write rate limit is off for the run. The
+bare server is a minimal
 aiocoap Resource answering 2.04 to POST, behind the same `start_tls_server` transport with
 the same TLS settings (`server_ssl_context`, client certificates) and a CA of the bench's own,
 so the ratio says what citytwin costs on top of CoAP over TLS.
