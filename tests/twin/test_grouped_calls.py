@@ -121,3 +121,31 @@ async def test_stopping_the_committer_answers_everyone(started: bool) -> None:
     # A later write starts afresh.
     database.release.set()
     assert await writes.call(3) == 30
+
+
+def test_an_instance_outlives_its_event_loop() -> None:
+    """Module-level instances (certificate lookups) serve whichever loop calls them; what
+    was left queued on a loop that is gone is dropped, not waited for."""
+    database = FakeDatabase()
+    calls = committer(database)
+    database.release.clear()
+    first_loop = asyncio.new_event_loop()
+
+    async def leave_one_pending() -> asyncio.Task[int]:
+        pending = asyncio.ensure_future(calls.call(1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the worker now waits in the group call, for ever
+        return pending
+
+    pending = first_loop.run_until_complete(leave_one_pending())
+    assert not pending.done()
+    # Its tasks are abandoned on purpose: no "Task was destroyed but it is pending!" noise.
+    first_loop.set_exception_handler(lambda loop, context: None)
+    first_loop.close()
+
+    async def call_again() -> int:
+        database.release = asyncio.Event()
+        database.release.set()
+        return await asyncio.wait_for(calls.call(2), 5)
+
+    assert asyncio.run(call_again()) == 20
