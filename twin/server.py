@@ -163,6 +163,7 @@ async def start_coap(
         tls,
         max_connections=settings.coaps_max_connections,
         idle_timeout=settings.coaps_idle_seconds,
+        max_handshakes=settings.coaps_max_handshakes,
     )
     return coap, tls
 

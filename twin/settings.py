@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from twin.coap_tls import MAX_CONCURRENT_HANDSHAKES
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,6 +37,9 @@ class Settings:
     coaps_key: Path | None = None
     coaps_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     coaps_max_connections: int = 10_000
+    # TLS handshakes in progress at once; more connections wait in the listen backlog (so a
+    # reconnect storm gets through in arrival order instead of every handshake timing out).
+    coaps_max_handshakes: int = MAX_CONCURRENT_HANDSHAKES
     # Longer than the heartbeat of any always-connected device (lamps: 300 s), so a
     # connection is closed only after a missed heartbeat or two.
     coaps_idle_seconds: float = 720.0
@@ -122,6 +127,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         coaps_key=coaps_key,
         coaps_names=names or Settings.coaps_names,
         coaps_max_connections=int(_number(env, "CITYTWIN_COAPS_MAX_CONNECTIONS", 10_000)),
+        coaps_max_handshakes=max(
+            1, int(_number(env, "CITYTWIN_COAPS_MAX_HANDSHAKES", MAX_CONCURRENT_HANDSHAKES))
+        ),
         coaps_idle_seconds=_number(env, "CITYTWIN_COAPS_IDLE_TIMEOUT", 720.0),
         allow_coap_enrollment=env.get("CITYTWIN_ALLOW_COAP_ENROLLMENT", "") in ("1", "true", "yes"),
         enroll_max_failures=int(_number(env, "CITYTWIN_ENROLL_MAX_FAILURES", 5)),
