@@ -67,6 +67,7 @@ from firmware_ota.versions import downgrade_refusal, parse_version, upgrade_path
 from twin.access import Principal, Role
 from twin.change_feed import FeedNotifier
 from twin.errors import CitytwinError, FailedPrecondition, InvalidArgument, ProfileViolation
+from twin.failpoints import failpoint
 from twin.merge_patch import Document
 from twin.models import Device, Twin
 from twin.registry import LifecycleState
@@ -410,17 +411,29 @@ class CampaignDriver:
         return False
 
     async def _fail(self, campaign: CampaignView, why: str, *, rollback: bool) -> None:
+        """Abort the campaign and, for a rollback, create and start the campaign that rolls
+        it back, in one transaction: a crash between the two must not leave an aborted
+        campaign that nobody rolls back (the next pass judges the wave again instead)."""
         async with in_transaction() as conn:
             await self._fence(conn, campaign.id)
             await campaign_store.abort_campaign(campaign.id, DRIVER, why, conn)
-        if not rollback:
-            return
-        previous = await _rollback_artifact(campaign)
-        if previous is None:
-            log.warning("campaign %s: no artifact to roll back to", campaign.id)
-            return
-        created = await campaign_store.rollback_campaign(campaign.id, previous, DRIVER)
-        await campaign_store.start_campaign(created.id, _SYSTEM, why)
+            failpoint("campaign-driver.aborted")
+            if rollback:
+                await self._roll_back(campaign, why)
+
+    async def _roll_back(self, campaign: CampaignView, why: str) -> None:
+        """Inside _fail's transaction. A rollback that cannot be made is logged and leaves
+        the abort standing (its savepoint is undone, not the abort)."""
+        try:
+            async with in_transaction():  # a savepoint
+                previous = await _rollback_artifact(campaign)
+                if previous is None:
+                    log.warning("campaign %s: no artifact to roll back to", campaign.id)
+                    return
+                created = await campaign_store.rollback_campaign(campaign.id, previous, DRIVER)
+                await campaign_store.start_campaign(created.id, _SYSTEM, why)
+        except CitytwinError as refused:
+            log.warning("campaign %s: rollback not started: %s", campaign.id, refused)
 
     async def _set_campaign(self, campaign_id: int, action: str, why: str, **changes: Any) -> None:
         async with in_transaction() as conn:

@@ -1,5 +1,6 @@
 """Campaigns against what goes wrong: refused uploads, silent and reverting devices, closed
-maintenance windows, a server killed mid-rollout, and two replicas sharing one database."""
+maintenance windows, a server killed mid-rollout or between a campaign's abort and its
+rollback, and two replicas sharing one database."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from tests.coap_devices import Site, fleet_trust, twin_of
 from tests.conftest import PG_DSN, Api, Database, Server, run_cli
 from tests.firmware_ota.ota_devices import Misbehaviour, Release, ota_devices, running, upload
 from tests.firmware_ota.signing_fixtures import imgtool_key, sign_detached
+from tests.firmware_ota.test_campaign_control import _rollback_of
 from tests.firmware_ota.test_campaigns_end_to_end import campaign, executions, until
+from twin.failpoints import FAILPOINT_EXIT_CODE
 
 
 def refused(api: Api, image: bytes, **metadata: object) -> grpc.RpcError:
@@ -208,6 +211,51 @@ async def test_a_server_killed_mid_rollout_resumes_where_it_was(
     for device in devices:
         installs = [job for job in device.jobs_done if job[2] == "install"]
         assert len(installs) == 1, device.jobs_done
+
+
+async def test_a_crash_between_abort_and_rollback_leaves_neither_half(
+    own_server: tuple[Server, str], fresh_db: Database, tmp_path: Path
+) -> None:
+    """The server dies (a fail point) right after the driver aborts a failed campaign whose
+    wave says roll back, before the rollback campaign exists. Abort and rollback are one
+    transaction, so neither is left: the restarted server judges the wave again, and the
+    campaign ends aborted with its rollback, never aborted without one."""
+    server, token = own_server
+    server.stop()
+    server.extra_env = {**_FAST, "CITYTWIN_FAILPOINTS": "campaign-driver.aborted"}
+    server.start()
+    site = _site(server, token, fresh_db)
+    release = Release(site.api, tmp_path)
+    upload(site.api, release.mcuboot("1.0.0"))
+    new = upload(site.api, release.mcuboot("3.7.0"))
+    good = await ota_devices(site, 1)
+    bad = await ota_devices(site, 1, misbehaviour=Misbehaviour(fail_reason="install_error"))
+    devices = [*good, *bad]
+    async with running(devices):
+        failing = campaign(
+            site.api,
+            new,
+            f"id in ({good[0].device_id},{bad[0].device_id})",
+            waves=[f.Wave(percent=100, min_finished=2, on_failure=f.FAILURE_ACTION_ROLLBACK)],
+        )
+        assert server.process is not None
+        assert await asyncio.to_thread(server.process.wait, 120) == FAILPOINT_EXIT_CODE
+    server.extra_env = _FAST
+    server.start()
+    site = _site(server, token, fresh_db)
+    for device in devices:
+        device.site = site
+    async with running(devices):
+        aborted = await until(site.api, failing.name, lambda c: c.state == f.CAMPAIGN_STATE_ABORTED)
+        rollback = await _rollback_of(site, failing.name)
+        await until(site.api, rollback.name, lambda c: c.state == f.CAMPAIGN_STATE_COMPLETED)
+    assert "failed" in aborted.state_reason
+    assert good[0].version == "1.0.0" and bad[0].version == "1.0.0"
+    events = site.api.call(
+        site.api.campaigns.ListCampaignEvents, f.ListCampaignEventsRequest(parent=failing.name)
+    ).events
+    actions = Counter(e.action for e in events)
+    assert actions["aborted"] == 1 and actions["rollback-created"] == 1, actions
 
 
 @pytest.mark.skipif(not PG_DSN, reason="two replicas share PostgreSQL (CITYTWIN_TEST_PG)")
