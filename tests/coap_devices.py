@@ -130,6 +130,20 @@ async def request(
     return response
 
 
+async def read_tcp_frame(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    """The next message on a `coap+tcp` stream, read by hand (RFC 8323 section 3.2 framing):
+    (code, token, options and payload)."""
+    first = (await reader.readexactly(1))[0]
+    length, token_length = first >> 4, first & 0x0F
+    if length >= 13:
+        extra = {13: 1, 14: 2, 15: 4}[length]
+        base = {13: 13, 14: 269, 15: 65805}[length]
+        length = int.from_bytes(await reader.readexactly(extra), "big") + base
+    code = (await reader.readexactly(1))[0]
+    token = await reader.readexactly(token_length)
+    return code, token, await reader.readexactly(length)
+
+
 def certificate(response: aiocoap.Message) -> x509.Certificate:
     """The certificate in an EST answer (certs-only PKCS#7 or a DER certificate)."""
     from cryptography.hazmat.primitives.serialization import pkcs7

@@ -66,6 +66,7 @@ from provisioning.certificate_authority import (
     issue_server_certificate,
 )
 from provisioning.csr_policy import inspect_csr
+from tests.coap_devices import read_tcp_frame
 from tests.conftest import free_port
 from twin import coap_tls
 from twin.coap_tls import (
@@ -333,15 +334,7 @@ class Raw:
 
     async def frame(self) -> tuple[int, bytes, bytes]:
         """The next message: (code, token, options and payload)."""
-        first = (await self.reader.readexactly(1))[0]
-        length, token_length = first >> 4, first & 0x0F
-        if length >= 13:
-            extra = {13: 1, 14: 2, 15: 4}[length]
-            base = {13: 13, 14: 269, 15: 65805}[length]
-            length = int.from_bytes(await self.reader.readexactly(extra), "big") + base
-        code = (await self.reader.readexactly(1))[0]
-        token = await self.reader.readexactly(token_length)
-        return code, token, await self.reader.readexactly(length)
+        return await read_tcp_frame(self.reader)
 
     async def answer_to(self, token: bytes) -> tuple[int, bytes]:
         """Read (skipping the server's CSM) up to the message carrying `token`."""

@@ -19,6 +19,7 @@ import pytest
 from aiocoap.numbers.codes import Code
 from aiocoap.pipe import Pipe
 
+from tests.coap_devices import read_tcp_frame
 from tests.conftest import free_port
 from twin.device_observers import DeviceObservers, Document
 from twin.pipe_observations import OBSERVE_MODULUS, PipeObservation
@@ -141,15 +142,7 @@ class Raw:
     async def answer(self, within: float = 3.0) -> Answer:
         """The next message that is not signalling."""
         while True:
-            first = (await asyncio.wait_for(self.reader.readexactly(1), within))[0]
-            length, token_length = first >> 4, first & 0x0F
-            if length >= 13:
-                extra = {13: 1, 14: 2, 15: 4}[length]
-                base = {13: 13, 14: 269, 15: 65805}[length]
-                length = int.from_bytes(await self.reader.readexactly(extra), "big") + base
-            code = (await self.reader.readexactly(1))[0]
-            token = await self.reader.readexactly(token_length)
-            rest = await self.reader.readexactly(length)
+            code, token, rest = await asyncio.wait_for(read_tcp_frame(self.reader), within)
             if code >= CSM:
                 continue
             message = aiocoap.Message()
