@@ -1,14 +1,19 @@
 """Benchmark: committed device reports per second and their p50/p99 latency with many devices
 at once, against a bare aiocoap handler on the same transport, measured in the same run.
 
-    .venv/bin/python bench/device_reports.py [--seconds 8] [--devices 64] [--pg DSN]
+    .venv/bin/python bench/device_reports.py [--seconds 8] [--devices 64] [--interval 0]
+                                             [--pg DSN]
 
 Runs on SQLite always, and on PostgreSQL too with --pg (default: CITYTWIN_BENCH_PG or
 CITYTWIN_TEST_PG). Each server is a separate process on 127.0.0.1; the devices are aiocoap
 clients in this process, each with its own certificate and its own `coaps+tcp` connection.
 Every device POSTs a CBOR merge patch of its reported state (`{"power": true, "brightness":
 N}`, N changing every time) to `/twin/reported`, waits for the 2.04 and sends the next, for
-`--seconds`. Before the timed part every device sends one report untimed, which opens its
+`--seconds`. With `--interval S` each device instead reports once every S seconds (the
+devices' first reports spread over one interval), as a fleet does: then the rate is set by
+the devices, and what counts is the server's CPU per report and its share of a core, with
+caches that have gone cold between one device's reports (the certificate lookup's lasts 2 s).
+Before the timed part every device sends one report untimed, which opens its
 connection (the TLS handshake is not what is measured here).
 
 citytwin answers 2.04 only once the report is committed (identity check, liveness, profile
@@ -82,9 +87,14 @@ class Result:
 
 
 async def load(
-    coaps: str, trust_pem: bytes, devices: list[DeviceCredentials], seconds: float
+    coaps: str,
+    trust_pem: bytes,
+    devices: list[DeviceCredentials],
+    seconds: float,
+    interval: float,
 ) -> tuple[list[float], float]:
-    """Every device reports back to back for `seconds`; (latencies, wall seconds)."""
+    """Every device reports for `seconds`, back to back (`interval` 0) or once every
+    `interval` seconds; (latencies, wall seconds)."""
     uri = f"{coaps}/twin/reported"
     contexts = await connect_devices(trust_pem, devices)
 
@@ -101,7 +111,14 @@ async def load(
 
     async def device(index: int, context: aiocoap.Context, deadline: float) -> None:
         level = index % 101
-        while time.perf_counter() < deadline:
+        # Paced devices start spread over one interval, as a fleet's reports are.
+        next_at = began + interval * index / len(contexts)
+        while True:
+            if interval:
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                next_at += interval
+            if time.perf_counter() >= deadline:
+                return
             # A new value every time, so that every report is a real change to commit.
             level = (level + 1) % 101
             started = time.perf_counter()
@@ -115,10 +132,10 @@ async def load(
         # at once and land in the p99; nothing of them is garbage, so freeze them.
         gc.collect()
         gc.freeze()
-        started = time.perf_counter()
-        deadline = started + seconds
+        began = time.perf_counter()
+        deadline = began + seconds
         await asyncio.gather(*(device(i, c, deadline) for i, c in enumerate(contexts)))
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - began
     finally:
         gc.unfreeze()
         await close_devices(contexts)
@@ -132,10 +149,11 @@ def measure(
     devices: list[DeviceCredentials],
     seconds: float,
     server_pid: int,
+    interval: float,
 ) -> Result:
     """Run the load against one server; print its row (and the server's CPU) and return it."""
     cpu_before = process_cpu_seconds(server_pid)
-    latencies, elapsed = asyncio.run(load(coaps, trust_pem, devices, seconds))
+    latencies, elapsed = asyncio.run(load(coaps, trust_pem, devices, seconds, interval))
     cpu_after = process_cpu_seconds(server_pid)
     latencies.sort()
     result = Result(
@@ -174,6 +192,7 @@ def run_bare(args: argparse.Namespace) -> Result:
                 devices,
                 args.seconds,
                 server.pid,
+                args.interval,
             )
         finally:
             server.stop()
@@ -193,7 +212,13 @@ def run_backend(backend: str, args: argparse.Namespace, bare: Result) -> None:
             devices = enroll_devices(server.address, coaps, token, trust, args.devices, "reports")
             assert server.process is not None
             result = measure(
-                f"citytwin on {backend}", coaps, trust, devices, args.seconds, server.process.pid
+                f"citytwin on {backend}",
+                coaps,
+                trust,
+                devices,
+                args.seconds,
+                server.process.pid,
+                args.interval,
             )
             print(
                 f"{'':<34} ratio to bare: throughput {result.rate / bare.rate:.2f}x,"
@@ -210,6 +235,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed reporting per row")
     parser.add_argument("--devices", type=int, default=64, help="concurrent devices")
     parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between one device's reports (0: back to back, the throughput test)",
+    )
+    parser.add_argument(
         "--pg",
         default=os.environ.get("CITYTWIN_BENCH_PG") or os.environ.get("CITYTWIN_TEST_PG", ""),
         metavar="DSN",
@@ -224,9 +255,10 @@ def main() -> None:
         return
 
     raise_fd_limit(args.devices)
+    pace = f"every {args.interval:g} s" if args.interval else "back to back"
     print(
         f"{args.devices} devices, each its own coaps+tcp connection and certificate, reporting"
-        f" back to back for {args.seconds:.0f} s per row; {os.cpu_count()}-core machine",
+        f" {pace} for {args.seconds:.0f} s per row; {os.cpu_count()}-core machine",
         flush=True,
     )
     bare = run_bare(args)
