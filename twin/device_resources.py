@@ -14,7 +14,9 @@ device (its principal is scoped to itself).
 * `GET /twin/dimming-plan`: a lamp's schedule as concrete times for today and tomorrow.
 * `POST /twin/heartbeat`: nothing but "I am here", for devices with nothing to report.
 
-Every request a device makes counts as a sign of life (liveness_store.py).
+Every request a device makes counts as a sign of life (liveness_store.py). Writes (reports,
+telemetry, heartbeats) are limited per device (write_rate_limits.py); reports queue up and
+commit in groups (report_commits.py).
 """
 
 from __future__ import annotations
