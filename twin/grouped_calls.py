@@ -58,13 +58,13 @@ class GroupedCalls(Generic[Item, Result]):
     async def call(self, item: Item) -> Result:
         """The result for `item` (called for with others queued alongside); raises what
         refused it."""
-        if self.max_queued is not None and len(self._queue) >= self.max_queued:
-            raise ResourceExhausted(f"{self.max_queued} {self.name} are waiting; retry in 1 s", 1)
         loop = asyncio.get_running_loop()
         if self._worker is not None and self._worker.get_loop() is not loop:
             # A module-level instance outlived its event loop (one loop per test, say):
             # whatever was queued there can never be answered.
             self._worker, self._queue, self._running = None, [], []
+        if self.max_queued is not None and len(self._queue) >= self.max_queued:
+            raise ResourceExhausted(f"{self.max_queued} {self.name} are waiting; retry in 1 s", 1)
         future: asyncio.Future[Result] = loop.create_future()
         self._queue.append((item, future))
         if self._worker is None or self._worker.done():

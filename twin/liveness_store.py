@@ -121,7 +121,7 @@ class Liveness:
 
     async def _mark_offline(self, device_id: str, since: datetime) -> int:
         async with in_transaction() as conn:
-            twin = await _locked_twin(conn, device_id)
+            twin = (await lock_twins(conn, [device_id])).get(device_id)
             changed = await (
                 Device.filter(id=device_id, online=True, last_seen_at__lt=since)
                 .using_db(conn)
@@ -136,10 +136,6 @@ class Liveness:
             )
         self._written.pop(device_id, None)
         return 1
-
-
-async def _locked_twin(conn: BaseDBAsyncClient, device_id: str) -> Twin | None:
-    return await Twin.filter(device_id=device_id).using_db(conn).select_for_update().first()
 
 
 async def _transition(

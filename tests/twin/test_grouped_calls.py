@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from twin.errors import InvalidArgument
+from twin.errors import InvalidArgument, ResourceExhausted
 from twin.grouped_calls import GroupedCalls
 
 
@@ -121,6 +121,26 @@ async def test_stopping_the_committer_answers_everyone(started: bool) -> None:
     # A later write starts afresh.
     database.release.set()
     assert await writes.call(3) == 30
+
+
+async def test_calls_beyond_the_queue_bound_are_refused() -> None:
+    release = asyncio.Event()
+
+    async def slow(items: object) -> list[int | Exception]:
+        await release.wait()
+        return [0 for _ in items]  # type: ignore[attr-defined]
+
+    calls: GroupedCalls[int, int] = GroupedCalls(slow, max_group=1, name="writes", max_queued=2)
+    running = [asyncio.create_task(calls.call(0))]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # 0 is being called for
+    running += [asyncio.create_task(calls.call(n)) for n in (1, 2)]
+    await asyncio.sleep(0)  # 1 and 2 wait
+    with pytest.raises(ResourceExhausted, match="2 writes are waiting") as refused:
+        await calls.call(3)
+    assert refused.value.retry_after_seconds == 1
+    release.set()
+    assert await asyncio.gather(*running) == [0, 0, 0]
 
 
 def test_an_instance_outlives_its_event_loop() -> None:

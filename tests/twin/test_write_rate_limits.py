@@ -3,16 +3,12 @@ beyond it from a real server."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aiocoap
 import cbor2
 import pytest
 from aiocoap.numbers.codes import Code
 
 from tests.coap_devices import Site, coap_client, enrolled_device, request, twin_of
-from twin.errors import ResourceExhausted
-from twin.grouped_calls import GroupedCalls
 from twin.write_rate_limits import WriteRateLimiter
 
 CBOR = 60
@@ -55,26 +51,6 @@ def test_the_buckets_are_bounded() -> None:
     # A forgotten device starts again with a full bucket; a remembered one does not.
     assert limits.take("device-0", 0.0) == 0
     assert limits.take("device-999", 0.0) == 10
-
-
-async def test_calls_beyond_the_queue_bound_are_refused() -> None:
-    release = asyncio.Event()
-
-    async def slow(items: object) -> list[int | Exception]:
-        await release.wait()
-        return [0 for _ in items]  # type: ignore[attr-defined]
-
-    calls: GroupedCalls[int, int] = GroupedCalls(slow, max_group=1, name="writes", max_queued=2)
-    running = [asyncio.create_task(calls.call(0))]
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # 0 is being called for
-    running += [asyncio.create_task(calls.call(n)) for n in (1, 2)]
-    await asyncio.sleep(0)  # 1 and 2 wait
-    with pytest.raises(ResourceExhausted, match="2 writes are waiting") as refused:
-        await calls.call(3)
-    assert refused.value.retry_after_seconds == 1
-    release.set()
-    assert await asyncio.gather(*running) == [0, 0, 0]
 
 
 @pytest.mark.server_env(
